@@ -1,0 +1,180 @@
+"""The LR range test: one sweep of training steps with a rising LR, and the rule that reads LRMAX off it.
+
+Loss method (Smith 2017, fastai): the LR rises exponentially from lr_finder.start_lr to end_lr over
+num_iter steps; the loss is smoothed with a bias-corrected moving average; the sweep stops once the
+smoothed loss exceeds diverge_factor x its best. The reference run's accuracy method (accuracy against a
+linearly rising LR) is the same sweep with step_mode: linear and pick: max_acc, at the cost of one
+sweep (at most about one epoch) instead of the reference's 20 one-epoch trainings.
+
+The sweep trains the model it is given; its weights and the optimizer come back exactly as they were.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from onecycle.config import LRFinderParams
+from onecycle.errors import UserError
+
+CSV_COLUMNS = ("iteration", "lr", "loss", "smoothed_loss", "accuracy", "smoothed_accuracy")
+
+
+@dataclass(frozen=True)
+class Curve:
+    """What the sweep saw, one entry per step taken (accuracy: of the batch, in percent, before the step)."""
+
+    lr: list[float]
+    loss: list[float]
+    smoothed_loss: list[float]
+    accuracy: list[float]
+    smoothed_accuracy: list[float]
+    stop_reason: str  # "finished", "diverged" (smoothed loss > diverge_factor x best) or "non-finite loss"
+    images_seen: int
+
+    def rows(self) -> list[tuple]:
+        return [
+            (i, *values)
+            for i, values in enumerate(
+                zip(self.lr, self.loss, self.smoothed_loss, self.accuracy, self.smoothed_accuracy, strict=True)
+            )
+        ]
+
+
+@dataclass(frozen=True)
+class LRRange:
+    lr_min: float
+    lr_max: float
+    pick: str
+    min_div: float
+    lr_at_min_loss: float  # LR where the smoothed loss was lowest
+    min_smoothed_loss: float
+
+    def as_dict(self, curve: Curve, train_images: int) -> dict:
+        return {
+            "lr_min": self.lr_min,
+            "lr_max": self.lr_max,
+            "pick": self.pick,
+            "min_div": self.min_div,
+            "lr_at_min_loss": self.lr_at_min_loss,
+            "min_smoothed_loss": self.min_smoothed_loss,
+            "iterations": len(curve.lr),
+            "stop_reason": curve.stop_reason,
+            "images_seen": curve.images_seen,
+            "epochs_of_training_set": curve.images_seen / train_images,  # the sweep's cost, in epochs
+        }
+
+
+def sweep_lr(i: int, params: LRFinderParams) -> float:
+    """LR of the i-th step (0-based) of the sweep: start_lr at 0, end_lr at num_iter - 1."""
+    fraction = i / (params.num_iter - 1)
+    if params.step_mode == "exp":
+        return params.start_lr * (params.end_lr / params.start_lr) ** fraction
+    return params.start_lr + (params.end_lr - params.start_lr) * fraction
+
+
+def range_test(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    params: LRFinderParams,
+    *,
+    progress: bool = True,
+) -> Curve:
+    """Run the sweep on `model`, then put the model and optimizer back exactly as they were."""
+    model_state = copy.deepcopy(model.state_dict())
+    optimizer_state = copy.deepcopy(optimizer.state_dict())
+    was_training = model.training
+    lrs, losses, smoothed, accs, smoothed_accs = [], [], [], [], []
+    loss_avg = acc_avg = 0.0
+    best = math.inf
+    stop_reason, images = "finished", 0
+    model.train()
+    try:
+        bar = tqdm(range(params.num_iter), desc="LR range test", disable=not progress)
+        for i in bar:
+            lr = sweep_lr(i, params)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = next(batches)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            value = loss.item()
+            if not math.isfinite(value):
+                stop_reason = "non-finite loss"
+                break
+            accuracy = (logits.argmax(1) == y).float().mean().item() * 100
+            # bias-corrected moving averages: the first values are not pulled towards 0
+            loss_avg = params.smooth_beta * loss_avg + (1 - params.smooth_beta) * value
+            acc_avg = params.smooth_beta * acc_avg + (1 - params.smooth_beta) * accuracy
+            correction = 1 - params.smooth_beta ** (i + 1)
+            lrs.append(lr)
+            losses.append(value)
+            smoothed.append(loss_avg / correction)
+            accs.append(accuracy)
+            smoothed_accs.append(acc_avg / correction)
+            images += len(y)
+            bar.set_postfix(lr=f"{lr:.2e}", loss=f"{smoothed[-1]:.4f}")
+            best = min(best, smoothed[-1])
+            if smoothed[-1] > params.diverge_factor * best:
+                stop_reason = "diverged"
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    finally:
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+        model.train(was_training)
+    return Curve(lrs, losses, smoothed, accs, smoothed_accs, stop_reason, images)
+
+
+def pick_range(curve: Curve, params: LRFinderParams) -> LRRange:
+    """LRMAX by the rule `params.pick`, LRMIN = LRMAX / min_div; UserError when the curve shows no range."""
+    if not curve.lr:
+        raise UserError(
+            f"the LR range test saw a non-finite loss at its first step (LR {params.start_lr:g}): no range found; "
+            "lower lr_finder.start_lr, or check the data"
+        )
+    loss = np.asarray(curve.smoothed_loss)
+    lr = np.asarray(curve.lr)
+    best = int(np.argmin(loss))
+    seen = (
+        f"the smoothed loss went from {loss[0]:.4g} to {loss[best]:.4g} (lowest, at LR {lr[best]:.3g}) over "
+        f"{len(lr)} steps up to LR {lr[-1]:.3g}, which ended {curve.stop_reason}"
+    )
+    if best < 2 or loss[best] >= loss[0]:
+        raise UserError(
+            f"the loss never fell in the LR range test: {seen}. Lower lr_finder.start_lr, "
+            "or raise lr_finder.num_iter so that the sweep has room to descend"
+        )
+    if params.pick == "min_loss_div10":
+        lr_max = float(lr[best]) / 10  # a tenth of the LR at the lowest loss: still falling fast, not yet unstable
+    elif params.pick == "steepest":
+        # steepest fall of the smoothed loss against log(LR), before the lowest point
+        slope = np.gradient(loss[: best + 1], np.log(lr[: best + 1]))
+        lr_max = float(lr[int(np.argmin(slope))])
+    else:  # max_acc: the reference run's rule
+        acc = np.asarray(curve.smoothed_accuracy)
+        top = int(np.argmax(acc))
+        if top == 0:
+            raise UserError(
+                f"the accuracy never rose in the LR range test ({acc[0]:.1f}% at the start was the best; {seen}). "
+                "Lower lr_finder.start_lr or raise lr_finder.num_iter"
+            )
+        lr_max = float(lr[top])
+    return LRRange(
+        lr_min=lr_max / params.min_div,
+        lr_max=lr_max,
+        pick=params.pick,
+        min_div=params.min_div,
+        lr_at_min_loss=float(lr[best]),
+        min_smoothed_loss=float(loss[best]),
+    )

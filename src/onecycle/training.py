@@ -1,0 +1,226 @@
+"""Training with the One Cycle Policy: train_one_epoch / evaluate / fit, with checkpoints to resume from.
+
+The loop counts optimizer steps itself and sets the LR and momentum of every step from
+`schedules.one_cycle`. Each epoch's shuffle and augmentations come from (train.seed, epoch), so a run
+resumed from its checkpoint after epoch k replays epochs k+1.. exactly as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from onecycle import batches, outputs, schedules
+from onecycle.config import Params, TrainParams, flatten
+from onecycle.data import Dataset
+from onecycle.errors import UserError
+
+HISTORY_COLUMNS = ("epoch", "lr", "momentum", "train_loss", "train_acc", "test_loss", "test_acc", "seconds")
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    epoch: int  # 1-based
+    lr: float  # at the epoch's last step
+    momentum: float  # at the epoch's last step
+    train_loss: float  # mean cross-entropy per image over the epoch, as trained (augmented, weights moving)
+    train_acc: float  # percent
+    test_loss: float  # mean cross-entropy per test image after the epoch
+    test_acc: float  # percent
+    seconds: float  # wall clock of the epoch, training and evaluation
+
+    def line(self, epochs: int, test_correct: int, test_total: int) -> str:
+        return (
+            f"epoch {self.epoch:>2}/{epochs}  lr {self.lr:.5f}  momentum {self.momentum:.4f}  "
+            f"train loss {self.train_loss:.4f} acc {self.train_acc:.2f}%  "
+            f"test loss {self.test_loss:.4f} acc {self.test_acc:.2f}% ({test_correct}/{test_total})  "
+            f"{self.seconds:.1f} s"
+        )
+
+
+class Diverged(UserError):
+    """A non-finite loss: the LR range is too high for this run."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"train.device = {name!r} but this machine has no CUDA device: use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def make_optimizer(model: torch.nn.Module, params: TrainParams, lr: float) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=params.momentum[0], weight_decay=params.weight_decay)
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    schedule: list[tuple[float, float]],
+    *,
+    first_step: int,
+    epoch: int,
+    steps: int,
+    progress: bool = True,
+) -> tuple[float, float, int]:
+    """One pass over `data`, setting (lr, momentum) = schedule[step] before each optimizer step.
+
+    Returns (mean loss per image, accuracy in percent). Raises Diverged at a non-finite loss.
+    """
+    model.train()
+    loss_sum = correct = seen = 0.0
+    step = first_step
+    bar = tqdm(data, total=steps, desc=f"epoch {epoch}", leave=False, disable=not progress)
+    for batch_id, (x, y) in enumerate(bar):
+        lr, momentum = schedule[step]
+        for group in optimizer.param_groups:
+            group["lr"], group["momentum"] = lr, momentum
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise Diverged(
+                f"the loss became {value} at epoch {epoch}, step {step} (batch {batch_id}), LR {lr:.4g}: "
+                "training diverged. Lower the LR range: raise lr_finder.min_div, use lr_finder.pick: steepest, "
+                "or lower lr_finder.end_lr. Earlier outputs were left as they were"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += value * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+        step += 1
+        # the reference run's progress line: loss of this batch, batch index, running accuracy
+        bar.set_description(f"Loss={value:.4f} Batch_id={batch_id} Accuracy={100 * correct / seen:.2f}")
+    return loss_sum / seen, 100 * correct / seen
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, int, int]:
+    """(mean loss per image, correct, total) on `data`."""
+    model.eval()
+    loss_sum, correct, total = 0.0, 0, 0
+    for x, y in data:
+        logits = model(x)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += int((logits.argmax(1) == y).sum().item())
+        total += len(y)
+    return loss_sum / total, correct, total
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, data: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Predicted class of every image of `data`, in order (on the CPU)."""
+    model.eval()
+    return torch.cat([model(x).argmax(1).cpu() for x, _ in data])
+
+
+def fingerprint(params: Params, lr_min: float, lr_max: float) -> str:
+    """What a checkpoint must match to be resumed: every param but the device, and the LR range."""
+    values = {k: v for k, v in flatten(params).items() if k != "train.device"}
+    values.update(lr_min=lr_min, lr_max=lr_max)
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=list).encode()).hexdigest()
+
+
+@dataclass
+class Checkpoint:
+    fingerprint: str
+    history: list[EpochRecord]
+    model: dict
+    optimizer: dict
+    torch_rng: torch.Tensor
+    run_id: str | None  # the MLflow run the epochs so far were logged to
+
+    def save(self, path: Path) -> None:
+        state = dataclasses.asdict(self) | {"history": [dataclasses.asdict(r) for r in self.history]}
+        outputs.torch_save(state, path)
+
+    @classmethod
+    def load(cls, path: Path, expected_fingerprint: str) -> Checkpoint | None:
+        """The checkpoint at `path` if it belongs to this very run (same params and LR range), else None."""
+        if not path.exists():
+            return None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a damaged checkpoint is not worth stopping for: start afresh
+            print(f"ignoring the unreadable checkpoint {path} ({exc}); starting afresh")
+            return None
+        if state.get("fingerprint") != expected_fingerprint:
+            print(f"params or LR range changed since the checkpoint {path}: starting afresh")
+            return None
+        state["history"] = [EpochRecord(**r) for r in state["history"]]
+        return cls(**state)
+
+
+def fit(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    params: Params,
+    lr_min: float,
+    lr_max: float,
+    device: torch.device,
+    *,
+    checkpoint_path: Path | None = None,
+    resume: Checkpoint | None = None,
+    run_id: str | None = None,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+    progress: bool = True,
+) -> list[EpochRecord]:
+    """Train `model` for train.epochs with the One Cycle Policy between lr_min and lr_max.
+
+    With `checkpoint_path`, every finished epoch is saved there (with `run_id`, the MLflow run it is logged
+    to); `resume`, a checkpoint of this run (`Checkpoint.load`), continues after its last epoch.
+    `on_epoch(record)` is called after each epoch (tracking).
+    """
+    train = params.train
+    steps = schedules.steps_per_epoch(len(dataset.train.labels), train.batch_size)
+    try:
+        schedule = schedules.one_cycle_table(train, steps, lr_min, lr_max)
+    except ValueError as exc:
+        raise UserError(f"cannot build the One Cycle schedule: {exc}") from None
+    model.to(device)
+    optimizer = make_optimizer(model, train, lr_min)
+    key = fingerprint(params, lr_min, lr_max)
+    history: list[EpochRecord] = []
+    if resume:
+        model.load_state_dict(resume.model)
+        optimizer.load_state_dict(resume.optimizer)
+        torch.set_rng_state(resume.torch_rng)
+        history = list(resume.history)
+        print(f"resuming after epoch {len(history)} of {train.epochs}")
+
+    for epoch in range(len(history) + 1, train.epochs + 1):
+        start = time.perf_counter()
+        data = batches.train_batches(
+            dataset, params.augment, train.batch_size, seed=train.seed, epoch=epoch, device=device
+        )
+        first_step = (epoch - 1) * steps
+        train_loss, train_acc = train_one_epoch(
+            model, optimizer, data, schedule, first_step=first_step, epoch=epoch, steps=steps, progress=progress
+        )
+        test = batches.eval_batches(dataset.test, dataset.mean, dataset.std, train.batch_size, device)
+        test_loss, correct, total = evaluate(model, test)
+        lr, momentum = schedule[first_step + steps - 1]
+        seconds = time.perf_counter() - start
+        record = EpochRecord(epoch, lr, momentum, train_loss, train_acc, test_loss, 100 * correct / total, seconds)
+        history.append(record)
+        print(record.line(train.epochs, correct, total), flush=True)
+        if on_epoch:
+            on_epoch(record)
+        if checkpoint_path:
+            state = Checkpoint(key, history, model.state_dict(), optimizer.state_dict(), torch.get_rng_state(), run_id)
+            state.save(checkpoint_path)
+    return history
