@@ -45,12 +45,15 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def write_archive(path: Path, members: dict[str, bytes], extra=None) -> str:
     """A .tar.gz with these members (and `extra(tar)` adding odd ones); returns its md5."""
-    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
-        with tarfile.open(fileobj=gz, mode="w") as tar:
-            for name, data in members.items():
-                add_member(tar, name, data)
-            if extra:
-                extra(tar)
+    with (
+        open(path, "wb") as raw,
+        gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz,
+        tarfile.open(fileobj=gz, mode="w") as tar,
+    ):
+        for name, data in members.items():
+            add_member(tar, name, data)
+        if extra:
+            extra(tar)
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 

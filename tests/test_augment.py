@@ -26,7 +26,9 @@ def probe_image() -> np.ndarray:
 
 def augment_probes(params: AugmentParams, n: int, seed: int, mean=MEAN, std=STD) -> np.ndarray:
     """n augmented copies of the probe, back in pixel units: int (n, crop, crop, 3)."""
-    out = augment.augment_batch(augment.train_transform(params, mean, std, seed=seed), np.repeat(probe_image()[None], n, 0))
+    out = augment.augment_batch(
+        augment.train_transform(params, mean, std, seed=seed), np.repeat(probe_image()[None], n, 0)
+    )
     pixels = out.transpose(0, 2, 3, 1) * np.array(std) + np.array(mean)  # undo the normalisation
     assert np.abs(pixels - np.rint(pixels)).max() < 1e-3  # normalise then undo is exact to float32 rounding
     return np.rint(pixels).astype(int)
@@ -112,7 +114,7 @@ def test_random_choices_are_independent():
     for i in range(0, len(pairs), 400):
         upper = [f for dy, f in pairs[i : i + 400] if dy < 4]
         lower = [f for dy, f in pairs[i : i + 400] if dy > 4]
-        assert abs(np.mean(upper) - np.mean(lower)) < 0.2, "the flip follows the crop"  # ~0.06 sigma when independent
+        assert abs(np.mean(upper) - np.mean(lower)) < 0.2, "the flip follows the crop"  # sd ~0.05 if independent
 
 
 def test_padding_is_reflect_101_like_torch():

@@ -78,7 +78,7 @@ BAD = [
     (edit("lr_finder.end_lr", 1e-5), "lr_finder.end_lr = 1e-05 is not allowed: use a number > lr_finder.start_lr"),
     (edit("lr_finder.min_div", 1), "lr_finder.min_div = 1 is not allowed: use a number > 1"),
     (edit("lr_finder.step_mode", "log"), "lr_finder.step_mode = 'log' is not allowed: use one of 'exp', 'linear'"),
-    (edit("lr_finder.pick", "best"), "lr_finder.pick = 'best' is not allowed: use one of 'min_loss_div10'"),
+    (edit("lr_finder.pick", "best"), "lr_finder.pick = 'best' is not allowed: use one of 'min_loss', 'min_loss_div10'"),
     (edit("lr_finder.smooth_beta", 1.0), "lr_finder.smooth_beta = 1.0 is not allowed: use a number >= 0 and < 1"),
     (edit("lr_finder.num_iter", 2), "lr_finder.num_iter = 2 is not allowed: use an integer >= 5"),
     (edit("train.momentum", [0.95, 1.2]), "train.momentum = [0.95, 1.2] is not allowed"),

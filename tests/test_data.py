@@ -69,7 +69,9 @@ def test_local_archive(tiny_archive, tmp_path, form):
 def test_limits_keep_the_first_images(tiny_archive, tmp_path):
     path, md5 = tiny_archive
     full = data.prepare(DataParams(url=str(path), md5=md5), tmp_path / "full", progress=False)
-    cut = data.prepare(DataParams(url=str(path), md5=md5, train_limit=30, test_limit=7), tmp_path / "cut", progress=False)
+    cut = data.prepare(
+        DataParams(url=str(path), md5=md5, train_limit=30, test_limit=7), tmp_path / "cut", progress=False
+    )
     assert np.array_equal(cut.train.images, full.train.images[:30])
     assert np.array_equal(cut.test.labels, full.test.labels[:7])
     assert json.loads((tmp_path / "cut" / "meta.json").read_text())["train_images"] == 30

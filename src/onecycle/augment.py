@@ -29,7 +29,7 @@ def reseed(transform: A.Compose, seed: int | None) -> A.Compose:
     transform.set_random_seed(seed)  # the Compose's own generator (and, for None, fresh children)
     if seed is not None:
         children = np.random.SeedSequence(seed).spawn(len(transform.transforms))
-        for child, seq in zip(transform.transforms, children):
+        for child, seq in zip(transform.transforms, children, strict=True):
             child.set_random_seed(int(seq.generate_state(1, dtype=np.uint64)[0]))
     return transform
 
@@ -107,6 +107,6 @@ def channel_stats(images: np.ndarray, chunk: int = 1024) -> tuple[Triple, Triple
     n = images.size // 3  # pixels per channel
     # Python integers: n * sum(x^2) - sum(x)^2 is exact, so the only rounding is the final division
     mean = tuple(int(t) / n for t in total)
-    var = [(n * int(s) - int(t) ** 2) / n**2 for t, s in zip(total, squares)]
+    var = [(n * int(s) - int(t) ** 2) / n**2 for t, s in zip(total, squares, strict=True)]
     std = tuple(v**0.5 for v in var)
     return mean, std

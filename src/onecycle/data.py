@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import tarfile
 import tempfile
 import urllib.error
@@ -88,7 +87,7 @@ def download(url: str, dest: Path, expected_md5: str, *, progress: bool = True) 
         if source.startswith("file:"):
             raise UserError(f"no archive at {url}: set data.url to the path of cifar-10-binary.tar.gz") from None
         raise UserError(f"{_offline_hint(url)} ({exc.reason})") from None
-    except (OSError, socket.timeout) as exc:  # connection reset, timeout, truncated transfer
+    except (TimeoutError, OSError) as exc:  # connection reset, timeout, truncated transfer
         raise UserError(f"{_offline_hint(url)} (the transfer broke off: {exc})") from None
     actual = md5.hexdigest()
     if actual != expected_md5:

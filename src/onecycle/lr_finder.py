@@ -155,7 +155,11 @@ def pick_range(curve: Curve, params: LRFinderParams) -> LRRange:
             f"the loss never fell in the LR range test: {seen}. Lower lr_finder.start_lr, "
             "or raise lr_finder.num_iter so that the sweep has room to descend"
         )
-    if params.pick == "min_loss_div10":
+    if params.pick == "min_loss":
+        # Smith's upper bound: the LR where the loss stops falling. The smoothing lags, so its lowest point
+        # sits a little past the raw curve's: still below where the loss blows up.
+        lr_max = float(lr[best])
+    elif params.pick == "min_loss_div10":
         lr_max = float(lr[best]) / 10  # a tenth of the LR at the lowest loss: still falling fast, not yet unstable
     elif params.pick == "steepest":
         # steepest fall of the smoothed loss against log(LR), before the lowest point

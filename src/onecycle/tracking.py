@@ -110,9 +110,7 @@ class Tracker:
         if exp_name:
             all_tags["dvc.exp_name"] = exp_name
         run = self.client.create_run(self.experiment_id, tags=all_tags, run_name=exp_name)
-        self.client.log_batch(
-            run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()], synchronous=True
-        )
+        self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()], synchronous=True)
         return run.info.run_id
 
     def log_metrics(self, run_id: str, step: int, values: Mapping[str, float]) -> None:

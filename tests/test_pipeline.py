@@ -1,0 +1,152 @@
+"""The real `dvc repro` end to end in a temporary git repository, with the real MLflow SQLite store.
+
+The tests of this module run in order on one repository: repro all, repro nothing, change a param,
+run an experiment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from onecycle.model import CustomResNet
+from onecycle.training import HISTORY_COLUMNS
+
+ROOT = Path(__file__).resolve().parents[1]
+PLOTS = {
+    "cyclic_lr.png",
+    "lr_range.png",
+    "one_cycle.png",
+    "accuracy.png",
+    "loss.png",
+    "misclassified.png",
+    "confusion_matrix.png",
+}
+STAGES = ("download_cifar", "lr_range_test", "train_one_cycle", "plot_reports")
+
+
+def sh(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    env = os.environ.copy()
+    env.pop("MLFLOW_TRACKING_URI", None)  # the default: mlflow.db at the repository root
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # `python` in dvc.yaml: this one
+    result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{args} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def ran(result: subprocess.CompletedProcess) -> list[str]:
+    return [s for s in STAGES if f"Running stage '{s}'" in result.stdout]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, small_archive) -> Path:
+    path, md5 = small_archive
+    repo = tmp_path_factory.mktemp("repo")
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(ROOT / name, repo / name)
+    for folder in ("stages", "src", ".dvc"):
+        shutil.copytree(ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("tmp", "cache", "__pycache__"))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"].update(url=str(path), md5=md5)
+    params["model"]["width"] = 4
+    params["lr_finder"].update(num_iter=15, start_lr=1e-3, end_lr=1.0)
+    params["train"].update(epochs=2, peak_epoch=1, batch_size=64, device="cpu")
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(repo, "git", "init", "-q")
+    sh(repo, "git", "config", "user.email", "test@example.com")
+    sh(repo, "git", "config", "user.name", "test")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "pipeline")
+    return repo
+
+
+def mlflow_runs(repo: Path, stage: str):
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("cifar10-one-cycle")
+    runs = client.search_runs([experiment.experiment_id], f"tags.stage = '{stage}'", order_by=["start_time ASC"])
+    return client, runs
+
+
+def test_repro_runs_the_four_stages_and_writes_every_output(repo):
+    result = sh(repo, "dvc", "repro")
+    assert ran(result) == list(STAGES)
+
+    meta = json.loads((repo / "data/cifar10/meta.json").read_text())
+    assert (meta["train_images"], meta["test_images"]) == (600, 200)
+    found = json.loads((repo / "reports/lr_range.json").read_text())
+    assert 0 < found["lr_min"] < found["lr_max"] and found["lr_max"] / found["lr_min"] == pytest.approx(10)
+    curve = (repo / "reports/lr_range.csv").read_text().splitlines()
+    assert curve[0] == "iteration,lr,loss,smoothed_loss,accuracy,smoothed_accuracy"
+    assert len(curve) - 1 == found["iterations"]
+
+    history = (repo / "reports/history.csv").read_text().splitlines()
+    assert history[0] == ",".join(HISTORY_COLUMNS) and len(history) == 3
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    assert {"test_acc", "best_test_acc", "epochs", "train_seconds"} <= metrics.keys()
+    assert metrics["epochs"] == 2 and 0 <= metrics["test_acc"] <= 100
+    model = CustomResNet(width=4)
+    model.load_state_dict(torch.load(repo / "models/model.pt", weights_only=True))
+    plots = {p.name for p in (repo / "reports/plots").iterdir()}
+    assert plots == PLOTS
+    assert all((repo / "reports/plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
+
+
+def test_the_training_run_is_in_the_mlflow_store(repo):
+    client, runs = mlflow_runs(repo, "train_one_cycle")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    head = sh(repo, "git", "rev-parse", "HEAD").stdout.strip()
+    assert run.data.tags["mlflow.source.git.commit"] == head
+    assert run.data.tags["data.md5"] == yaml.safe_load((repo / "params.yaml").read_text())["data"]["md5"]
+    assert run.data.params["train.epochs"] == "2" and run.data.params["model.width"] == "4"
+    found = json.loads((repo / "reports/lr_range.json").read_text())
+    assert float(run.data.params["lr_max"]) == found["lr_max"]
+    for metric in ("lr", "momentum", "train_loss", "train_acc", "test_loss", "test_acc"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, metric)]
+        assert steps == [1, 2], metric
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model.pt", "metrics.json", "params.yaml", "plots"} <= artifacts
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {f"plots/{p}" for p in PLOTS}
+
+    _, range_runs = mlflow_runs(repo, "lr_range_test")
+    assert len(range_runs) == 1
+    losses = client.get_metric_history(range_runs[0].info.run_id, "smoothed_loss")
+    assert len(losses) == found["iterations"]
+
+
+def test_a_second_repro_does_nothing(repo):
+    result = sh(repo, "dvc", "repro")
+    assert ran(result) == []
+    assert "Data and pipelines are up to date" in result.stdout
+
+
+def test_changing_epochs_reruns_training_and_reports_only(repo):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["epochs"] = 3
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = sh(repo, "dvc", "repro")
+    assert ran(result) == ["train_one_cycle", "plot_reports"]
+    assert len((repo / "reports/history.csv").read_text().splitlines()) == 4
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "three epochs")
+
+
+def test_an_experiment_is_a_new_mlflow_run_tagged_with_its_name(repo):
+    # 4 epochs: a param set not run before (DVC's run cache would restore a known one without running it)
+    result = sh(repo, "dvc", "exp", "run", "-S", "train.epochs=4", "-n", "four-epochs")
+    assert ran(result) == ["train_one_cycle", "plot_reports"]
+    _, runs = mlflow_runs(repo, "train_one_cycle")
+    tagged = [r for r in runs if r.data.tags.get("dvc.exp_name") == "four-epochs"]
+    assert len(tagged) == 1
+    assert tagged[0].data.params["train.epochs"] == "4" and tagged[0].info.run_name == "four-epochs"
+    assert "four-epochs" in sh(repo, "dvc", "exp", "list").stdout

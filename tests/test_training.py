@@ -1,0 +1,158 @@
+"""train_one_cycle: determinism, resume after SIGKILL, divergence, and a tracking server that is down."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from onecycle import data, training
+from onecycle.config import DataParams, Params, parse_params
+from onecycle.model import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "stages" / "train_one_cycle.py"
+
+
+def tiny_params(url: str, md5: str, **train) -> dict:
+    return {
+        "data": {"url": url, "md5": md5},
+        "model": {"width": 4},
+        "train": {"epochs": 3, "peak_epoch": 1, "batch_size": 32, "device": "cpu", **train},
+    }
+
+
+@pytest.fixture()
+def workspace(small_archive, tmp_path) -> Path:
+    """A folder laid out as the pipeline leaves it before train_one_cycle: params, data, the LR range."""
+    path, md5 = small_archive
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(str(path), md5)))
+    data.prepare(DataParams(url=str(path), md5=md5), tmp_path / "data" / "cifar10", progress=False)
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "lr_range.json").write_text(json.dumps({"lr_min": 0.02, "lr_max": 0.2}))
+    return tmp_path
+
+
+def train_command(out: str = "out") -> list[str]:
+    return [
+        sys.executable, str(TRAIN), "--data", "data/cifar10", "--range", "reports/lr_range.json",
+        "--model", f"{out}/model.pt", "--history", f"{out}/history.csv", "--metrics", f"{out}/metrics.json",
+        "--checkpoint", f"{out}/ckpt/train.pt",
+    ]  # fmt: skip
+
+
+def env(workspace: Path, uri: str | None = None) -> dict:
+    return os.environ | {"MLFLOW_TRACKING_URI": uri or f"sqlite:///{workspace / 'mlflow.db'}", "DVC_ROOT": ""}
+
+
+def run(workspace: Path, out: str = "out", uri: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(train_command(out), cwd=workspace, env=env(workspace, uri), capture_output=True, text=True)
+
+
+def history_without_seconds(path: Path) -> list[list[str]]:
+    rows = list(csv.reader(path.open()))
+    assert rows[0][-1] == "seconds"
+    return [row[:-1] for row in rows]
+
+
+def test_same_params_and_seed_give_the_same_history_and_weights(small_archive):
+    path, md5 = small_archive
+    params = parse_params(tiny_params(str(path), md5, epochs=2))
+    dataset = data.decode_archive(path, params.data)
+    results = []
+    for _ in range(2):
+        torch.manual_seed(params.train.seed)
+        model = build_model(params.model)
+        history = training.fit(model, dataset, params, 0.02, 0.2, torch.device("cpu"), progress=False)
+        results.append(([dataclasses.replace(r, seconds=0.0) for r in history], model.state_dict()))
+    (h1, s1), (h2, s2) = results
+    assert h1 == h2
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert h1[-1].lr == 0.02 and h1[0].lr == 0.2, "epoch 1 ends at the peak (peak_epoch 1), the last at LRMIN"
+
+
+def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(workspace):
+    whole = run(workspace, "whole")
+    assert whole.returncode == 0, whole.stderr
+
+    proc = subprocess.Popen(
+        train_command("killed"), cwd=workspace, env=env(workspace), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    checkpoint = workspace / "killed" / "ckpt" / "train.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    time.sleep(0.1)  # into epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (workspace / "killed" / "model.pt").exists(), "killed before the end"
+    done = len(torch.load(checkpoint, weights_only=True)["history"])
+    assert 1 <= done < 3
+
+    resumed = run(workspace, "killed")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming after epoch {done} of 3" in resumed.stdout
+    assert history_without_seconds(workspace / "killed" / "history.csv") == history_without_seconds(
+        workspace / "whole" / "history.csv"
+    )
+    a = torch.load(workspace / "whole" / "model.pt", weights_only=True)
+    b = torch.load(workspace / "killed" / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not checkpoint.exists(), "a finished run leaves no checkpoint behind"
+    metrics = json.loads((workspace / "killed" / "metrics.json").read_text())
+    assert metrics["epochs"] == 3 and metrics["test_acc"] == json.loads((workspace / "whole" / "metrics.json").read_text())["test_acc"]
+
+
+def test_a_checkpoint_of_other_params_is_not_resumed(workspace):
+    first = run(workspace, "out")
+    assert first.returncode == 0
+    params = Params()
+    key = training.fingerprint(params, 0.02, 0.2)
+    stale = training.Checkpoint(key, [], {}, {}, torch.get_rng_state(), None)
+    stale.save(workspace / "out" / "ckpt" / "train.pt")
+    again = run(workspace, "out")
+    assert again.returncode == 0, again.stderr
+    assert "params or LR range changed since the checkpoint" in again.stdout
+    assert "resuming" not in again.stdout
+
+
+def test_a_diverging_loss_stops_at_once_and_keeps_earlier_outputs(workspace):
+    out = workspace / "out"
+    out.mkdir()
+    (out / "model.pt").write_bytes(b"the earlier model")
+    (out / "history.csv").write_text("the earlier history\n")
+    (workspace / "reports" / "lr_range.json").write_text(json.dumps({"lr_min": 1e6, "lr_max": 1e7}))
+    failed = run(workspace, "out")
+    assert failed.returncode == 1
+    assert "Traceback" not in failed.stderr
+    last = failed.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the loss became ") and "at epoch 1, step " in last
+    assert "training diverged. Lower the LR range" in last
+    assert (out / "model.pt").read_bytes() == b"the earlier model"
+    assert (out / "history.csv").read_text() == "the earlier history\n"
+    assert not (out / "metrics.json").exists()
+
+
+def test_an_unreachable_tracking_server_stops_before_training(workspace):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    started = time.time()
+    failed = run(workspace, "out", uri=uri)
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    assert f"cannot reach the MLflow tracking server at {uri}" in failed.stderr
+    assert not (workspace / "out").exists(), "nothing was trained or written"
+    assert time.time() - started < 60
