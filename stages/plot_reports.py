@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,15 +15,6 @@ from onecycle.config import Params, load_params
 from onecycle.errors import UserError, stage_main
 from onecycle.model import build_model
 from onecycle.tracking import Tracker, file_sha256
-
-
-def read_range(path: Path) -> dict:
-    try:
-        found = json.loads(path.read_text())
-        found["lr_min"], found["lr_max"] = float(found["lr_min"]), float(found["lr_max"])
-        return found
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{path} is missing or damaged ({exc}); run `dvc repro lr_range_test`") from None
 
 
 def read_columns(path: Path, columns: Sequence[str], stage: str) -> dict[str, list[float]]:
@@ -78,7 +68,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder to write the PNGs into (replaced whole)")
     args = parser.parse_args()
     params = load_params(args.params)
-    found = read_range(args.range)
+    found = lr_finder.read_range(args.range)
     lr_min, lr_max = found["lr_min"], found["lr_max"]
     curve = read_columns(args.curve, lr_finder.CSV_COLUMNS, "lr_range_test")
     history = read_columns(args.history, training.HISTORY_COLUMNS, "train_one_cycle")

@@ -2,24 +2,15 @@
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
 
-from onecycle import data, outputs, training
+from onecycle import data, lr_finder, outputs, training
 from onecycle.config import flatten, load_params
-from onecycle.errors import UserError, stage_main
+from onecycle.errors import stage_main
 from onecycle.model import build_model
 from onecycle.tracking import Tracker, file_sha256
-
-
-def read_range(path: Path) -> tuple[float, float]:
-    try:
-        found = json.loads(path.read_text())
-        return float(found["lr_min"]), float(found["lr_max"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{path} is missing or damaged ({exc}); run `dvc repro lr_range_test`") from None
 
 
 @stage_main
@@ -34,7 +25,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, required=True, help="where to save each epoch, to resume from")
     args = parser.parse_args()
     params = load_params(args.params)
-    lr_min, lr_max = read_range(args.range)
+    found = lr_finder.read_range(args.range)
+    lr_min, lr_max = found["lr_min"], found["lr_max"]
     tracker = Tracker()  # an unreachable tracking server stops the stage here, before training
     dataset = data.load(args.data)
     device = training.resolve_device(params.train.device)
@@ -50,13 +42,17 @@ def main() -> None:
 
     def log_epoch(record: training.EpochRecord) -> None:
         values = dataclasses.asdict(record)
-        tracker.log_metrics(run_id, record.epoch, {k: values[k] for k in training.HISTORY_COLUMNS[1:-1]})
+        metrics = {k: values[k] for k in training.HISTORY_COLUMNS[1:-1]}
+        tracker.log_metrics(run_id, record.epoch, metrics, what=f"the metrics of epoch {record.epoch}")
 
     try:
         history = training.fit(
             model, dataset, params, lr_min, lr_max, device,
             checkpoint_path=args.checkpoint, resume=resume, run_id=run_id, on_epoch=log_epoch,
         )  # fmt: skip
+    except KeyboardInterrupt:
+        tracker.finish(run_id, "KILLED")
+        raise
     except BaseException:
         tracker.finish(run_id, "FAILED")
         raise
@@ -84,6 +80,7 @@ def main() -> None:
     tracker.log_metrics(run_id, len(history), {"best_test_acc": metrics["best_test_acc"]})
     tracker.log_artifacts(run_id, [args.model, args.metrics, args.history, Path(args.params)])
     tracker.finish(run_id)
+    tracker.report_lost(kept_in=f"{args.history}, {args.metrics} and {args.model}")
     print(f"test accuracy {final.test_acc:.2f}% after {len(history)} epochs (best {metrics['best_test_acc']:.2f}%)")
 
 

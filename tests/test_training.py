@@ -11,11 +11,13 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from mlflow.tracking import MlflowClient
 
 from onecycle import data, training
 from onecycle.config import DataParams, Params, parse_params
@@ -112,7 +114,8 @@ def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(workspace):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not checkpoint.exists(), "a finished run leaves no checkpoint behind"
     metrics = json.loads((workspace / "killed" / "metrics.json").read_text())
-    assert metrics["epochs"] == 3 and metrics["test_acc"] == json.loads((workspace / "whole" / "metrics.json").read_text())["test_acc"]
+    reference = json.loads((workspace / "whole" / "metrics.json").read_text())
+    assert metrics["epochs"] == 3 and metrics["test_acc"] == reference["test_acc"]
 
 
 def test_a_checkpoint_of_other_params_is_not_resumed(workspace):
@@ -156,3 +159,81 @@ def test_an_unreachable_tracking_server_stops_before_training(workspace):
     assert f"cannot reach the MLflow tracking server at {uri}" in failed.stderr
     assert not (workspace / "out").exists(), "nothing was trained or written"
     assert time.time() - started < 60
+
+
+# ---- a real `mlflow server` on 127.0.0.1 as the team's tracking server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path):
+    """`mlflow server` with a SQLite backend on a free port; yields (uri, process)."""
+    port = free_port()
+    folder = tmp_path / "server"
+    folder.mkdir()
+    log = (folder / "server.log").open("w")
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"), "server",
+            "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+            "--artifacts-destination", str(folder / "artifacts"),
+            "--host", "127.0.0.1", "--port", str(port),
+        ],
+        cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                break
+        except OSError:
+            assert proc.poll() is None, (folder / "server.log").read_text()
+            time.sleep(0.3)
+    else:
+        pytest.fail("mlflow server did not start")
+    yield uri, proc
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_training_logs_to_a_tracking_server(workspace, mlflow_server):
+    uri, _ = mlflow_server
+    result = run(workspace, "out", uri=uri)
+    assert result.returncode == 0, result.stderr
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("cifar10-one-cycle")
+    [found] = client.search_runs([experiment.experiment_id], "tags.stage = 'train_one_cycle'")
+    assert found.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(found.info.run_id, "test_acc")] == [1, 2, 3]
+    history = list(csv.DictReader((workspace / "out" / "history.csv").open()))
+    logged = {m.step: m.value for m in client.get_metric_history(found.info.run_id, "test_acc")}
+    assert logged == {int(r["epoch"]): float(r["test_acc"]) for r in history}
+    assert {"model.pt", "metrics.json", "params.yaml"} <= {a.path for a in client.list_artifacts(found.info.run_id)}
+
+
+def test_a_server_that_stops_mid_run_costs_no_local_output(workspace, mlflow_server):
+    uri, server = mlflow_server
+    proc = subprocess.Popen(
+        train_command("out"), cwd=workspace, env=env(workspace, uri), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    checkpoint = workspace / "out" / "ckpt" / "train.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(server.pid, signal.SIGKILL)  # the server dies after epoch 1 was logged
+    server.wait()
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    history = list(csv.DictReader((workspace / "out" / "history.csv").open()))
+    assert [int(r["epoch"]) for r in history] == [1, 2, 3]
+    assert (workspace / "out" / "model.pt").exists() and (workspace / "out" / "metrics.json").exists()
+    assert f"warning: MLflow at {uri} did not take the metrics of epoch" in stdout
+    assert "They are kept in out/history.csv, out/metrics.json and out/model.pt" in stdout

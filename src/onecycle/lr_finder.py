@@ -12,9 +12,11 @@ The sweep trains the model it is given; its weights and the optimizer come back 
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -182,3 +184,15 @@ def pick_range(curve: Curve, params: LRFinderParams) -> LRRange:
         lr_at_min_loss=float(lr[best]),
         min_smoothed_loss=float(loss[best]),
     )
+
+
+def read_range(path: Path) -> dict:
+    """The lr_range.json that the lr_range_test stage wrote, with float lr_min and lr_max."""
+    try:
+        found = json.loads(Path(path).read_text())
+        found["lr_min"], found["lr_max"] = float(found["lr_min"]), float(found["lr_max"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path} is missing or damaged ({exc}); run `dvc repro lr_range_test`") from None
+    if not 0 < found["lr_min"] < found["lr_max"] or not math.isfinite(found["lr_max"]):
+        raise UserError(f"{path} holds no usable range (lr_min {found['lr_min']}, lr_max {found['lr_max']})")
+    return found

@@ -13,8 +13,9 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
@@ -23,6 +24,7 @@ from onecycle.errors import UserError
 
 EXPERIMENT = "cifar10-one-cycle"
 BATCH = 500  # metrics per log_batch call (MLflow takes up to 1,000)
+LOCK_RETRIES = 8  # attempts at a call that SQLite answers with "database is locked" (parallel experiments)
 
 
 def repo_root() -> Path:
@@ -73,14 +75,58 @@ def _now_ms() -> int:
 
 
 class Tracker:
-    """The experiment in the tracking store, and the runs a stage makes in it."""
+    """The experiment in the tracking store, and the runs a stage makes in it.
+
+    Once a run has started, a logging call that fails (a server that went away) does not stop training:
+    it is reported once when it happens, remembered in `lost`, and summed up by `report_lost()`.
+    """
 
     def __init__(self, root: Path | None = None) -> None:
         self.root = root or repo_root()
         self.uri = tracking_uri(self.root)
+        if self.uri.startswith(("http://", "https://")):
+            # MLflow retries a failing request for minutes by default; a server that is down should cost seconds
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
         check_server(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
-        self.experiment_id = self._experiment()
+        self.lost: list[str] = []
+        try:
+            self.experiment_id = self._call(self._experiment)
+        except Exception as exc:
+            raise UserError(f"cannot open the MLflow experiment {EXPERIMENT!r} at {self.uri}: {exc}") from None
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        """fn(), retried while SQLite says another process holds the database (parallel experiments)."""
+        for attempt in range(LOCK_RETRIES):
+            try:
+                return fn()
+            except Exception as exc:
+                if "database is locked" not in str(exc) or attempt == LOCK_RETRIES - 1:
+                    raise
+                time.sleep(0.2 * 2**attempt)
+        return None
+
+    def _try(self, what: str, fn: Callable[[], Any]) -> Any:
+        """fn() for a run already started. A failure is reported and remembered, not raised; after it the store
+        is not asked again in this stage (each call to a dead server would cost its retries)."""
+        if self.lost:
+            self.lost.append(what)
+            return None
+        try:
+            return self._call(fn)
+        except Exception as exc:
+            reason = " ".join(str(exc).split())[:300]
+            print(f"warning: MLflow at {self.uri} did not take {what} ({reason}); carrying on without MLflow")
+            self.lost.append(what)
+            return None
+
+    def report_lost(self, kept_in: str) -> None:
+        """One line naming what never reached the tracking store, and where it is kept instead."""
+        if self.lost:
+            missed = "; ".join(self.lost) if len(self.lost) <= 6 else f"{'; '.join(self.lost[:3])}; ... {self.lost[-1]}"
+            print(f"warning: MLflow at {self.uri} did not take {missed}. They are kept in {kept_in}")
 
     def _experiment(self) -> str:
         found = self.client.get_experiment_by_name(EXPERIMENT)
@@ -101,7 +147,7 @@ class Tracker:
         """A new run (or the run `run_id`, when it still exists: a resumed training)."""
         if run_id:
             try:
-                self.client.get_run(run_id)
+                self._call(lambda: self.client.get_run(run_id))
                 return run_id
             except Exception:
                 print(f"MLflow run {run_id} of the checkpoint is gone from {self.uri}: starting a new run")
@@ -109,35 +155,45 @@ class Tracker:
         all_tags = {"stage": stage, "mlflow.source.git.commit": git_commit(), **tags}
         if exp_name:
             all_tags["dvc.exp_name"] = exp_name
-        run = self.client.create_run(self.experiment_id, tags=all_tags, run_name=exp_name)
-        self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()], synchronous=True)
+        try:
+            run = self._call(lambda: self.client.create_run(self.experiment_id, tags=all_tags, run_name=exp_name))
+            logged = [Param(k, str(v)) for k, v in params.items()]
+            self._call(lambda: self.client.log_batch(run.info.run_id, params=logged, synchronous=True))
+        except Exception as exc:
+            raise UserError(f"cannot start an MLflow run at {self.uri}: {' '.join(str(exc).split())[:300]}") from None
         return run.info.run_id
 
-    def log_metrics(self, run_id: str, step: int, values: Mapping[str, float]) -> None:
+    def log_metrics(self, run_id: str, step: int, values: Mapping[str, float], what: str | None = None) -> None:
         stamp = _now_ms()
-        self.log_metric_rows(run_id, [Metric(k, float(v), stamp, step) for k, v in values.items()])
+        rows = [Metric(k, float(v), stamp, step) for k, v in values.items()]
+        self.log_metric_rows(run_id, rows, what or f"the metrics of step {step}")
 
-    def log_metric_rows(self, run_id: str, metrics: Iterable[Metric]) -> None:
+    def log_metric_rows(self, run_id: str, metrics: Iterable[Metric], what: str = "metrics") -> None:
         metrics = list(metrics)
         for start in range(0, len(metrics), BATCH):
-            self.client.log_batch(run_id, metrics=metrics[start : start + BATCH], synchronous=True)
+            chunk = metrics[start : start + BATCH]
+            self._try(what, lambda chunk=chunk: self.client.log_batch(run_id, metrics=chunk, synchronous=True))
 
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
+        rows = [RunTag(k, str(v)) for k, v in tags.items()]
+        self._try(f"the tags {', '.join(tags)}", lambda: self.client.log_batch(run_id, tags=rows, synchronous=True))
 
     def log_artifacts(self, run_id: str, paths: Iterable[Path], folder: str | None = None) -> None:
         for path in paths:
-            self.client.log_artifact(run_id, str(path), folder)
+            self._try(f"the artifact {path}", lambda path=path: self.client.log_artifact(run_id, str(path), folder))
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status)
+        self._try(f"the run's end ({status})", lambda: self.client.set_terminated(run_id, status))
 
     def run_of_model(self, model_sha256: str) -> str | None:
         """The newest training run that produced the model with this hash."""
-        runs = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.model_sha256 = '{model_sha256}'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
+        runs = self._try(
+            "a search for the run of this model",
+            lambda: self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.model_sha256 = '{model_sha256}'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            ),
         )
         return runs[0].info.run_id if runs else None

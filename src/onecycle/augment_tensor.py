@@ -1,0 +1,157 @@
+"""The training augmentation on whole batches with torch ops (CPU or CUDA): the fast path's backend.
+
+It draws from the same distribution as `augment.train_transform` (the albumentations reference), with the same
+steps in the same order: reflect-101 pad by `pad` -> random `crop` x `crop` window -> horizontal flip with
+probability `flip_p` -> one `cutout` x `cutout` hole wholly inside the crop, filled with round(mean) per channel
+-> normalise (x - mean) / std. Every step but the last works on uint8, and the normalisation uses the same
+float32 arithmetic as albumentations' Normalize, so given the same random choices the two backends give the same
+bytes. Only the random streams differ: here all randomness comes from one torch.Generator per call.
+
+Layout: NCHW uint8 is the fast input (reflect padding and the crop work on whole rows); NHWC is accepted and
+permuted first. `to_nchw` converts a dataset once, e.g. the whole training set onto the GPU up front.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from onecycle.config import IMAGE_SIZE, AugmentParams
+
+Triple = tuple[float, float, float]
+
+
+class Draws(NamedTuple):
+    """The random choices for a batch of N images, int64 (N,) tensors; pixel coordinates in the padded image
+    (crop) and in the crop (hole)."""
+
+    dy: torch.Tensor  # top row of the crop window, 0..(H + 2 * pad - crop)
+    dx: torch.Tensor  # left column of the crop window, 0..(W + 2 * pad - crop)
+    flip: torch.Tensor  # bool: mirror the crop left to right
+    top: torch.Tensor  # top row of the hole in the (flipped) crop, 0..(crop - cutout)
+    left: torch.Tensor  # left column of the hole, 0..(crop - cutout)
+
+
+def to_nchw(images: np.ndarray | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """uint8 images (N, H, W, 3) or (N, 3, H, W), numpy or torch -> contiguous uint8 (N, 3, H, W) on `device`.
+
+    Do it once per dataset, not per batch: the permute is a full copy (None keeps a tensor's device; numpy -> CPU).
+    """
+    x = _nchw_view(torch.as_tensor(images))
+    return x.to(device).contiguous() if device is not None else x.contiguous()
+
+
+class TensorAugment:
+    """The training transform for uint8 batches: `TensorAugment(params, mean, std)(images, generator)`.
+
+    `mean` and `std` are per channel in pixel units (0..255), as `augment.channel_stats` returns them.
+    """
+
+    def __init__(self, params: AugmentParams, mean: Triple, std: Triple, image_size: int = IMAGE_SIZE):
+        self.params = params
+        self.image_size = image_size  # pixels, side of the (square) input images
+        padded = image_size + 2 * params.pad
+        if not image_size <= params.crop <= padded:
+            raise ValueError(f"augment.crop must be from {image_size} to {padded} (image + 2 * pad), got {params.crop}")
+        if not 0 <= params.cutout <= params.crop:
+            raise ValueError(f"augment.cutout must be from 0 to augment.crop = {params.crop}, got {params.cutout}")
+        # the same float32 numbers as albumentations' Normalize(max_pixel_value=1): out = (x - mean) * (1 / std)
+        self.mean = torch.tensor(mean, dtype=torch.float32)
+        self.inv_std = 1 / torch.tensor(std, dtype=torch.float32)
+        # Python's round() like augment.train_transform (ties to even), so both backends fill the same bytes
+        self.fill = torch.tensor([int(round(m)) for m in mean], dtype=torch.uint8)
+        self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """uint8 (N, 3, H, W) or (N, H, W, 3) on any device -> normalised float32 (N, 3, crop, crop), same device.
+
+        All randomness comes from `generator` (on the CPU or the images' device): the same generator state gives
+        the same output, and a CPU generator gives the same choices whatever the images' device.
+        """
+        draws = self.draw(len(images), generator)
+        return self.apply(images, Draws(*(d.to(images.device) for d in draws)))
+
+    def draw(self, n: int, generator: torch.Generator) -> Draws:
+        """The random choices for n images, on the generator's device; always five draws in this order, so the
+        crops and flips of a seed do not depend on `cutout`."""
+        p, device = self.params, generator.device
+        offsets = self.image_size + 2 * p.pad - p.crop + 1  # crop positions per axis
+        holes = p.crop - p.cutout + 1  # hole positions per axis
+
+        def uniform(high: int) -> torch.Tensor:
+            return torch.randint(0, high, (n,), generator=generator, device=device)
+
+        dy, dx = uniform(offsets), uniform(offsets)
+        flip = torch.rand(n, generator=generator, device=device) < p.flip_p  # like albumentations: random() < p
+        top, left = uniform(holes), uniform(holes)
+        return Draws(dy, dx, flip, top, left)
+
+    def apply(self, images: torch.Tensor, draws: Draws) -> torch.Tensor:
+        """The deterministic part: `images` transformed as `draws` (on the images' device) say."""
+        p = self.params
+        x = _nchw_view(images)
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(f"expected {self.image_size}x{self.image_size} images, got {tuple(images.shape)}")
+        n = torch.arange(len(x), device=x.device)
+        if p.pad > 0:
+            x = F.pad(x, (p.pad,) * 4, mode="reflect")  # reflect-101: abc|bcd, the edge pixel is not repeated
+        # one gather from a view of every crop window; a fresh tensor, so the steps below may work in place
+        out = _windows(x, p.crop)[n, :, draws.dy, draws.dx].contiguous()  # (N, 3, crop, crop) uint8
+        _flip_where(out, draws.flip)
+        if p.cutout > 0:
+            _windows(out, p.cutout)[n, :, draws.top, draws.left] = self._on(x.device)[2][:, None, None]
+        return self._normalise(out)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """The test transform: uint8 (N, 3, H, W) or (N, H, W, 3) -> float32 (N, 3, H, W), (x - mean) / std."""
+        return self._normalise(_nchw_view(images))
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        mean, inv_std, _ = self._on(x.device)
+        # copy_ converts uint8 -> float32 in one vectorised pass; the in-place ops then allocate nothing more
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        out.copy_(x)
+        return out.sub_(mean[:, None, None]).mul_(inv_std[:, None, None])
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean, 1 / std, fill) on `device`, copied there once."""
+        if device not in self._constants:
+            self._constants[device] = (self.mean.to(device), self.inv_std.to(device), self.fill.to(device))
+        return self._constants[device]
+
+
+def _nchw_view(images: torch.Tensor) -> torch.Tensor:
+    """A (N, 3, H, W) view of uint8 NCHW or NHWC images (no copy)."""
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
+        got = f"{images.dtype} {tuple(images.shape)}" if hasattr(images, "shape") else type(images).__name__
+        raise ValueError(f"expected uint8 images of shape (N, 3, H, W) or (N, H, W, 3), got {got}")
+    if images.shape[1] == 3:
+        return images
+    if images.shape[3] == 3:
+        return images.permute(0, 3, 1, 2)
+    raise ValueError(f"expected 3 channels in dimension 1 (NCHW) or 3 (NHWC), got shape {tuple(images.shape)}")
+
+
+def _windows(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Every size x size window of (N, C, H, W) as a view (N, C, H - size + 1, W - size + 1, size, size).
+
+    Indexing it with per-image (row, column) tensors copies one window per image, with plain strides inside
+    the window: far faster than an index per pixel, and writing through it fills one window per image.
+    """
+    s = x.stride()
+    shape = (*x.shape[:2], x.shape[2] - size + 1, x.shape[3] - size + 1, size, size)
+    return x.as_strided(shape, (s[0], s[1], s[2], s[3], s[2], s[3]))
+
+
+def _flip_where(x: torch.Tensor, flip: torch.Tensor) -> None:
+    """Mirror images x[i] (contiguous, uint8) left to right in place where flip[i]."""
+    mirrored = x.flip(-1)
+    # choosing whole images needs no per-byte work: compare and copy them in the widest words their size allows
+    # (8x fewer elements for 3 x 32 x 32 bytes)
+    n_bytes = x[0].numel()
+    word = next(d for d in (torch.int64, torch.int32, torch.int16, torch.uint8) if n_bytes % d.itemsize == 0)
+    words, mirrored_words = x.view(len(x), -1).view(word), mirrored.view(len(x), -1).view(word)
+    torch.where(flip[:, None], mirrored_words, words, out=words)
