@@ -134,6 +134,10 @@ def read_archive(path: Path, label: str) -> dict[str, bytes]:
                 if base in files:
                     raise UserError(f"{label}: member {member.name!r} appears twice")
                 files[base] = tar.extractfile(member).read()
+            # Read the gzip stream to its end: its CRC is checked only there, and tar stops reading at the
+            # end-of-archive blocks, so a damaged byte in the compressed data would otherwise pass unseen.
+            while tar.fileobj.read(CHUNK_BYTES):
+                pass
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, OSError) as exc:
         raise UserError(f"{label} is truncated or corrupt ({exc}); download it again") from None
     missing = [f for f in (*TRAIN_FILES, TEST_FILE, META_FILE) if f not in files]
