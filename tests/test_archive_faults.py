@@ -50,8 +50,8 @@ def damaged(good: bytes, count: int, seed: int):
             yield "truncated", good[: rng.randrange(0, len(good))]
         else:
             blob = bytearray(good)
-            # bytes 4..9 of the gzip header (mtime, flags, OS) carry no data: a flip there is no damage
-            offset = rng.choice([rng.randrange(4), rng.randrange(10, len(blob))])
+            # bytes 3..9 of the gzip header (flags such as FTEXT, mtime, OS) are hints: a flip there is no damage
+            offset = rng.choice([rng.randrange(3), rng.randrange(10, len(blob))])
             blob[offset] ^= 1 << rng.randrange(8)
             yield "flipped", bytes(blob)
 
