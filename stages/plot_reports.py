@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from onecycle import batches, data, lr_finder, plots, schedules, training
+from onecycle import batches, data, lr_finder, outputs, plots, schedules, training
 from onecycle.config import Params, load_params
 from onecycle.errors import UserError, stage_main
 from onecycle.model import build_model
@@ -109,15 +108,11 @@ def main() -> None:
         "confusion_matrix.png": lambda: plots.confusion_matrix(true, pred, dataset.classes),
     }
 
-    # All seven are written into a fresh folder beside --out and swapped in at the end: a failure midway
-    # leaves the previous plots as they were.
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{args.out.name}-", dir=args.out.parent) as tmp:
-        staged = Path(tmp) / args.out.name
-        staged.mkdir()
+    # All seven are written into a fresh folder that replaces --out at the end: a failure midway leaves the
+    # previous plots as they were.
+    with outputs.staged_folder(args.out) as staged:
         for name, build in figures.items():
             plots.save(build(), staged / name)
-        data.replace_folder(staged, args.out)
     correct = int((pred == true).sum())
     print(f"wrote {len(figures)} plots to {args.out}; test accuracy {100 * correct / len(true):.2f}%")
 

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
+import http.server
 import json
+import signal
 import socket
 import subprocess
 import sys
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from conftest import RECORD, cifar_members, write_archive
+from conftest import RECORD, add_member, cifar_members, write_archive
 
 from onecycle import data
 from onecycle.config import DataParams
@@ -146,8 +151,6 @@ def _oversized(members):
 
 
 def _add(tar, name, payload):
-    from conftest import add_member
-
     add_member(tar, name, payload)
 
 
@@ -233,8 +236,6 @@ def test_missing_local_file(tmp_path):
 
 
 def data_md5(path: Path) -> str:
-    import hashlib
-
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
@@ -262,3 +263,58 @@ def test_stage_prints_one_line_and_no_traceback(tiny_archive, tmp_path):
     typo = run_stage(tmp_path, {"data": {"ulr": str(path), "md5": md5}})
     assert typo.returncode == 1 and "Traceback" not in typo.stderr
     assert "unknown key data.ulr (did you mean 'url'?)" in typo.stderr
+
+
+class _SlowHandler(http.server.BaseHTTPRequestHandler):
+    """Serves the one file it is given, 64 KiB every 50 ms, so that a test can kill the download midway."""
+
+    payload = b""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.payload)))
+        self.end_headers()
+        for start in range(0, len(self.payload), 1 << 16):
+            self.wfile.write(self.payload[start : start + (1 << 16)])
+            time.sleep(0.05)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_download_killed_midway_loses_nothing_and_a_rerun_ends_well(small_archive, tiny_archive, tmp_path):
+    tiny, tiny_md5 = tiny_archive
+    assert run_stage(tmp_path, {"data": {"url": str(tiny), "md5": tiny_md5}}).returncode == 0
+    out = tmp_path / "data" / "cifar10"
+    before = snapshot(out)
+
+    path, md5 = small_archive
+    handler = type("Handler", (_SlowHandler,), {"payload": path.read_bytes()})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/cifar-10-binary.tar.gz"
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": {"url": url, "md5": md5}}))
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "stages" / "download_cifar.py"), "--out", "data/cifar10"],
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.time() + 60
+        partial = []
+        while not partial and time.time() < deadline:
+            partial = [p for p in out.parent.glob(".cifar10.tmp-*/cifar-10-binary.tar.gz") if p.stat().st_size > 0]
+            time.sleep(0.02)
+        assert partial and proc.poll() is None, "caught the stage while it downloads"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert snapshot(out) == before
+
+    rerun = run_stage(tmp_path, {"data": {"url": str(path), "md5": md5}})
+    assert rerun.returncode == 0, rerun.stderr
+    assert json.loads((out / "meta.json").read_text())["train_images"] == 600
+    assert sorted(p.name for p in out.parent.iterdir()) == ["cifar10"], "the killed run's leftovers are gone"

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -150,3 +152,39 @@ def test_an_experiment_is_a_new_mlflow_run_tagged_with_its_name(repo):
     assert len(tagged) == 1
     assert tagged[0].data.params["train.epochs"] == "4" and tagged[0].info.run_name == "four-epochs"
     assert "four-epochs" in sh(repo, "dvc", "exp", "list").stdout
+
+
+def test_reports_killed_midway_then_a_repro_ends_well(repo):
+    env = os.environ.copy()
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    proc = subprocess.Popen(
+        ["dvc", "repro", "-f", "plot_reports"], cwd=repo, env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while not list((repo / "reports").glob(".plots.tmp-*/*.png")) and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "caught plot_reports while it draws"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    result = sh(repo, "dvc", "repro")
+    assert ran(result) == ["plot_reports"]
+    assert {p.name for p in (repo / "reports/plots").iterdir()} == PLOTS
+    assert not list((repo / "reports").glob(".plots.tmp-*")), "the killed run's leftovers are gone"
+
+
+def test_push_then_a_fresh_clone_pulls_the_results_without_training(repo, tmp_path):
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "results")
+    sh(repo, "dvc", "remote", "add", "-d", "shared", str(tmp_path / "remote"))
+    sh(repo, "dvc", "push")
+    sh(repo, "git", "commit", "-qam", "remote")
+
+    clone = tmp_path / "clone"
+    sh(tmp_path, "git", "clone", "-q", str(repo), str(clone))
+    sh(clone, "dvc", "pull")
+    for output in ("models/model.pt", "reports/metrics.json", "reports/history.csv", "reports/plots/accuracy.png"):
+        assert (clone / output).read_bytes() == (repo / output).read_bytes(), output
+    assert ran(sh(clone, "dvc", "repro")) == []

@@ -7,8 +7,13 @@ probability `flip_p` -> one `cutout` x `cutout` hole wholly inside the crop, fil
 float32 arithmetic as albumentations' Normalize, so given the same random choices the two backends give the same
 bytes. Only the random streams differ: here all randomness comes from one torch.Generator per call.
 
-Layout: NCHW uint8 is the fast input (reflect padding and the crop work on whole rows); NHWC is accepted and
-permuted first. `to_nchw` converts a dataset once, e.g. the whole training set onto the GPU up front.
+Layout: contiguous NCHW uint8 is the fast input: padding and cropping run along rows of one channel. NHWC is
+accepted too, as a permuted view, but reflect-padding channels-last memory is several times slower on the CPU, so
+convert a dataset once with `to_nchw` (e.g. the whole training set onto the GPU up front). The output is
+contiguous NCHW float32, like `augment.augment_batch`'s.
+
+No loop over images: one reflect pad of the batch, one gather of every image's crop window (advanced indexing on
+an as_strided view of all windows), the flip as one torch.where over whole images, the holes as one scatter_.
 """
 
 from __future__ import annotations
@@ -68,11 +73,16 @@ class TensorAugment:
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """uint8 (N, 3, H, W) or (N, H, W, 3) on any device -> normalised float32 (N, 3, crop, crop), same device.
 
-        All randomness comes from `generator` (on the CPU or the images' device): the same generator state gives
-        the same output, and a CPU generator gives the same choices whatever the images' device.
+        All randomness comes from `generator`: the same generator state gives the same output. A CPU generator
+        gives the same choices whatever the images' device (reproducible on the CPU); one on the images' CUDA
+        device saves a small host-to-device copy per call.
         """
         draws = self.draw(len(images), generator)
-        return self.apply(images, Draws(*(d.to(images.device) for d in draws)))
+        if draws.dy.device != images.device:
+            # one copy instead of five; a generator on the images' device needs none
+            packed = torch.stack([d.long() for d in draws]).to(images.device, non_blocking=True)  # (5, N)
+            draws = Draws(packed[0], packed[1], packed[2].bool(), packed[3], packed[4])
+        return self.apply(images, draws)
 
     def draw(self, n: int, generator: torch.Generator) -> Draws:
         """The random choices for n images, on the generator's device; always five draws in this order, so the
@@ -85,12 +95,12 @@ class TensorAugment:
             return torch.randint(0, high, (n,), generator=generator, device=device)
 
         dy, dx = uniform(offsets), uniform(offsets)
-        flip = torch.rand(n, generator=generator, device=device) < p.flip_p  # like albumentations: random() < p
+        flip = torch.rand(n, generator=generator, device=device) <= p.flip_p  # like albumentations: random() < p
         top, left = uniform(holes), uniform(holes)
         return Draws(dy, dx, flip, top, left)
 
     def apply(self, images: torch.Tensor, draws: Draws) -> torch.Tensor:
-        """The deterministic part: `images` transformed as `draws` (on the images' device) say."""
+        """The deterministic part: `images` transformed as `draws` (tensors on the images' device) say."""
         p = self.params
         x = _nchw_view(images)
         if x.shape[-2:] != (self.image_size, self.image_size):
@@ -102,7 +112,8 @@ class TensorAugment:
         out = _windows(x, p.crop)[n, :, draws.dy, draws.dx].contiguous()  # (N, 3, crop, crop) uint8
         _flip_where(out, draws.flip)
         if p.cutout > 0:
-            _windows(out, p.cutout)[n, :, draws.top, draws.left] = self._on(x.device)[2][:, None, None]
+            _, _, fill = self._on(x.device)
+            _fill_squares(out, draws.top, draws.left, p.cutout, fill)
         return self._normalise(out)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -128,6 +139,8 @@ def _nchw_view(images: torch.Tensor) -> torch.Tensor:
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
         got = f"{images.dtype} {tuple(images.shape)}" if hasattr(images, "shape") else type(images).__name__
         raise ValueError(f"expected uint8 images of shape (N, 3, H, W) or (N, H, W, 3), got {got}")
+    if len(images) == 0:
+        raise ValueError("expected at least one image, got none")
     if images.shape[1] == 3:
         return images
     if images.shape[3] == 3:
@@ -139,7 +152,8 @@ def _windows(x: torch.Tensor, size: int) -> torch.Tensor:
     """Every size x size window of (N, C, H, W) as a view (N, C, H - size + 1, W - size + 1, size, size).
 
     Indexing it with per-image (row, column) tensors copies one window per image, with plain strides inside
-    the window: far faster than an index per pixel, and writing through it fills one window per image.
+    the window: far faster than an index per pixel. Read only: the windows overlap, and writes through
+    overlapping views are undefined for some kernels (CUDA's deterministic index_put_ copies and writes back).
     """
     s = x.stride()
     shape = (*x.shape[:2], x.shape[2] - size + 1, x.shape[3] - size + 1, size, size)
@@ -155,3 +169,14 @@ def _flip_where(x: torch.Tensor, flip: torch.Tensor) -> None:
     word = next(d for d in (torch.int64, torch.int32, torch.int16, torch.uint8) if n_bytes % d.itemsize == 0)
     words, mirrored_words = x.view(len(x), -1).view(word), mirrored.view(len(x), -1).view(word)
     torch.where(flip[:, None], mirrored_words, words, out=words)
+
+
+def _fill_squares(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int, fill: torch.Tensor) -> None:
+    """Set the size x size square at (top[i], left[i]) of x[i] (contiguous (N, C, H, W)) to fill (C,), in place."""
+    n, channels, _, width = x.shape
+    ar = torch.arange(size, device=x.device)
+    # flat position of every square pixel in its image plane: (N, size * size), no two alike within an image,
+    # so scatter_ is deterministic everywhere
+    position = (((top[:, None] + ar) * width)[:, :, None] + (left[:, None] + ar)[:, None, :]).view(n, 1, -1)
+    shape = (n, channels, size * size)
+    x.view(n, channels, -1).scatter_(2, position.expand(shape), fill.view(1, channels, 1).expand(shape))

@@ -10,10 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
-import shutil
 import tarfile
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -24,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from onecycle import outputs
 from onecycle.config import DataParams
 from onecycle.errors import UserError
 
@@ -215,28 +213,14 @@ def write_arrays(dataset: Dataset, folder: Path, meta: dict) -> None:
     (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def replace_folder(new: Path, target: Path) -> None:
-    """Put the finished folder `new` at `target`; the old one goes only once the new one is in place."""
-    old = target.with_name(target.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(new, target)
-    if old.exists():
-        shutil.rmtree(old)
-
-
 def prepare(params: DataParams, out: Path, *, progress: bool = True) -> Dataset:
     """Download, check and decode the archive, then write `out` whole or not at all."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}-", dir=out.parent) as tmp:
-        archive = Path(tmp) / "cifar-10-binary.tar.gz"
+    with outputs.staged_folder(out) as staged:
+        archive = staged / "cifar-10-binary.tar.gz"  # removed before the folder is put in place
         download(params.url, archive, params.md5, progress=progress)
         dataset = decode_archive(archive, params, label=params.url)
-        staged = Path(tmp) / "decoded"
-        staged.mkdir()
+        archive.unlink()
         meta = {
             "source_url": params.url,
             "md5": params.md5,
@@ -249,7 +233,6 @@ def prepare(params: DataParams, out: Path, *, progress: bool = True) -> Dataset:
             "std": list(dataset.std),
         }
         write_arrays(dataset, staged, meta)
-        replace_folder(staged, out)
     return dataset
 
 

@@ -1,4 +1,8 @@
-"""Writing outputs so that a kill at any moment leaves either the old file or the new one, never half of one."""
+"""Writing outputs so that a kill at any moment leaves either the old output or the new one, never half of one.
+
+Everything is written under a temporary name beside its target (`.NAME.tmp-PID`) and renamed into place.
+Temporaries that a killed run left behind are removed by the next write of the same target.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,26 @@ import csv
 import io
 import json
 import os
-from collections.abc import Iterable, Sequence
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def _temporary(path: Path) -> Path:
+    """A fresh temporary name beside `path`, after clearing what killed runs left there."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        _remove(stale)
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
@@ -48,3 +64,20 @@ def torch_save(obj: object, path: Path) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def staged_folder(target: Path) -> Iterator[Path]:
+    """An empty folder to fill; when the block ends without error it replaces `target` whole."""
+    target = Path(target)
+    staged = _temporary(target)
+    staged.mkdir()
+    try:
+        yield staged
+        old = target.with_name(f".{target.name}.tmp-old-{os.getpid()}")
+        if target.exists():
+            os.replace(target, old)  # the old folder goes only once the new one is in place
+        os.replace(staged, target)
+        _remove(old)
+    finally:
+        _remove(staged)
