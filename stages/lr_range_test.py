@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from mlflow.entities import Metric
 
-from onecycle import batches, data, lr_finder, outputs, training
+from onecycle import batches, data, distributed, lr_finder, outputs
 from onecycle.config import flatten, load_params
 from onecycle.errors import stage_main
 from onecycle.model import build_model
@@ -24,7 +24,7 @@ def main() -> None:
     params = load_params(args.params)
     tracker = Tracker()  # an unreachable tracking server stops the stage here, before the sweep
     dataset = data.load(args.data)
-    device = training.resolve_device(params.train.device)
+    device = distributed.resolve_device(params.train.device)
 
     torch.manual_seed(params.train.seed)
     model = build_model(params.model).to(device)

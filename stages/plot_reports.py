@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from onecycle import batches, data, lr_finder, outputs, plots, schedules, training
+from onecycle import batches, data, distributed, lr_finder, outputs, plots, schedules, training
 from onecycle.config import Params, load_params
 from onecycle.errors import UserError, stage_main
 from onecycle.model import build_model
@@ -76,7 +76,7 @@ def main() -> None:
     model = load_model(args.model, params)
     model_sha256 = file_sha256(args.model)
 
-    device = training.resolve_device(params.train.device)
+    device = distributed.resolve_device(params.train.device)
     model.to(device)
     test = batches.eval_batches(dataset.test, dataset.mean, dataset.std, params.train.batch_size, device)
     pred = training.predict(model, test).numpy()

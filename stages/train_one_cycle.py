@@ -1,4 +1,9 @@
-"""DVC stage train_one_cycle: train the custom ResNet with the One Cycle Policy over the found LR range."""
+"""DVC stage train_one_cycle: train the custom ResNet with the One Cycle Policy over the found LR range.
+
+One process: `python stages/train_one_cycle.py ...` (as dvc.yaml runs it). Several GPUs (or CPU processes):
+`torchrun --nproc_per_node N stages/train_one_cycle.py ...` with the same arguments; rank 0 writes the
+outputs and logs to MLflow.
+"""
 
 import argparse
 import dataclasses
@@ -6,39 +11,54 @@ from pathlib import Path
 
 import torch
 
-from onecycle import data, lr_finder, outputs, training
-from onecycle.config import flatten, load_params
+from onecycle import data, distributed, lr_finder, outputs, training
+from onecycle.config import Params, flatten, load_params
 from onecycle.errors import stage_main
 from onecycle.model import build_model
 from onecycle.tracking import Tracker, file_sha256
 
 
-@stage_main
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--data", type=Path, required=True, help="folder written by download_cifar")
-    parser.add_argument("--range", type=Path, required=True, help="lr_range.json written by lr_range_test")
-    parser.add_argument("--model", type=Path, required=True, help="state_dict to write")
-    parser.add_argument("--history", type=Path, required=True, help="CSV to write: one row per epoch")
-    parser.add_argument("--metrics", type=Path, required=True, help="JSON to write: final figures")
-    parser.add_argument("--checkpoint", type=Path, required=True, help="where to save each epoch, to resume from")
-    args = parser.parse_args()
-    params = load_params(args.params)
-    found = lr_finder.read_range(args.range)
+def final_metrics(history: list[training.EpochRecord], lr_min: float, lr_max: float) -> dict:
+    final = history[-1]
+    best = max(history, key=lambda r: r.test_acc)
+    return {
+        "test_acc": final.test_acc,  # percent, after the last epoch
+        "best_test_acc": best.test_acc,
+        "best_epoch": best.epoch,
+        "test_loss": final.test_loss,
+        "train_acc": final.train_acc,
+        "train_loss": final.train_loss,
+        "epochs": len(history),
+        "lr_min": lr_min,
+        "lr_max": lr_max,
+        "train_seconds": sum(r.seconds for r in history),  # wall clock of all epochs, a resumed run's too
+    }
+
+
+def train(args: argparse.Namespace, params: Params, group: distributed.Group, device: torch.device) -> None:
+    tracker = found = None
+    if group.is_main:
+        found = lr_finder.read_range(args.range)
+        tracker = Tracker()  # an unreachable tracking server stops the stage here, before training
+    found = distributed.share(found, group)  # rank 0's range on every process
     lr_min, lr_max = found["lr_min"], found["lr_max"]
-    tracker = Tracker()  # an unreachable tracking server stops the stage here, before training
     dataset = data.load(args.data)
-    device = training.resolve_device(params.train.device)
-    print(f"training on {device}: {len(dataset.train.labels)} images, LR {lr_min:.4g} -> {lr_max:.4g} -> {lr_min:.4g}")
+    if group.is_main:
+        print(
+            f"training on {device} x {group.world}: {len(dataset.train.labels)} images, "
+            f"LR {lr_min:.4g} -> {lr_max:.4g} -> {lr_min:.4g}"
+        )
 
     torch.manual_seed(params.train.seed)
     model = build_model(params.model)
-    resume = training.Checkpoint.load(args.checkpoint, training.fingerprint(params, lr_min, lr_max))
-    run_params = flatten(params) | {"lr_min": lr_min, "lr_max": lr_max}
-    run_id = tracker.start_run(
-        "train_one_cycle", run_params, {"data.md5": params.data.md5}, run_id=resume.run_id if resume else None
+    resume = training.Checkpoint.load(
+        args.checkpoint, training.fingerprint(params, lr_min, lr_max), quiet=not group.is_main
     )
+    run_id = None
+    if tracker:
+        run_params = flatten(params) | {"lr_min": lr_min, "lr_max": lr_max}
+        tags = {"data.md5": params.data.md5}
+        run_id = tracker.start_run("train_one_cycle", run_params, tags, run_id=resume.run_id if resume else None)
 
     def log_epoch(record: training.EpochRecord) -> None:
         values = dataclasses.asdict(record)
@@ -47,29 +67,17 @@ def main() -> None:
 
     try:
         history = training.fit(
-            model, dataset, params, lr_min, lr_max, device,
-            checkpoint_path=args.checkpoint, resume=resume, run_id=run_id, on_epoch=log_epoch,
+            model, dataset, params, lr_min, lr_max, device, group=group, checkpoint_path=args.checkpoint,
+            resume=resume, run_id=run_id, on_epoch=log_epoch if tracker else None,
         )  # fmt: skip
-    except KeyboardInterrupt:
-        tracker.finish(run_id, "KILLED")
+    except BaseException as exc:
+        if tracker:
+            tracker.finish(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
-    except BaseException:
-        tracker.finish(run_id, "FAILED")
-        raise
+    if not group.is_main:
+        return
 
-    final = history[-1]
-    metrics = {
-        "test_acc": final.test_acc,
-        "best_test_acc": max(r.test_acc for r in history),
-        "best_epoch": max(history, key=lambda r: r.test_acc).epoch,
-        "test_loss": final.test_loss,
-        "train_acc": final.train_acc,
-        "train_loss": final.train_loss,
-        "epochs": len(history),
-        "lr_min": lr_min,
-        "lr_max": lr_max,
-        "train_seconds": sum(r.seconds for r in history),
-    }
+    metrics = final_metrics(history, lr_min, lr_max)
     outputs.torch_save({k: v.cpu() for k, v in model.state_dict().items()}, args.model)
     rows = [[getattr(r, c) for c in training.HISTORY_COLUMNS] for r in history]
     outputs.write_csv(args.history, training.HISTORY_COLUMNS, rows)
@@ -81,7 +89,28 @@ def main() -> None:
     tracker.log_artifacts(run_id, [args.model, args.metrics, args.history, Path(args.params)])
     tracker.finish(run_id)
     tracker.report_lost(kept_in=f"{args.history}, {args.metrics} and {args.model}")
-    print(f"test accuracy {final.test_acc:.2f}% after {len(history)} epochs (best {metrics['best_test_acc']:.2f}%)")
+    print(
+        f"test accuracy {metrics['test_acc']:.2f}% after {len(history)} epochs (best {metrics['best_test_acc']:.2f}%)"
+    )
+
+
+@stage_main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", type=Path, required=True, help="folder written by download_cifar")
+    parser.add_argument("--range", type=Path, required=True, help="lr_range.json written by lr_range_test")
+    parser.add_argument("--model", type=Path, required=True, help="state_dict to write")
+    parser.add_argument("--history", type=Path, required=True, help="CSV to write: one row per epoch")
+    parser.add_argument("--metrics", type=Path, required=True, help="JSON to write: final figures")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="where to save each epoch, to resume from")
+    args = parser.parse_args()
+    params = load_params(args.params)
+    group, device = distributed.start(params.train.device)
+    try:
+        train(args, params, group, device)
+    finally:
+        distributed.stop(group)
 
 
 if __name__ == "__main__":

@@ -237,3 +237,35 @@ def test_a_server_that_stops_mid_run_costs_no_local_output(workspace, mlflow_ser
     assert (workspace / "out" / "model.pt").exists() and (workspace / "out" / "metrics.json").exists()
     assert f"warning: MLflow at {uri} did not take the metrics of epoch" in stdout
     assert "They are kept in out/history.csv, out/metrics.json and out/model.pt" in stdout
+
+
+# ---- data-parallel training under torchrun: two CPU processes with the gloo backend
+
+
+def test_two_processes_under_torchrun_train_like_one(workspace):
+    """Two processes split every batch of 32 into two halves; DDP averages their gradients, which is the
+    gradient of the whole batch. What differs from one process: BatchNorm normalises each half by its own
+    statistics, and the augmentation draws differ. Tolerance: per-epoch train loss within 10% (relative)
+    and final test accuracy within 10 points; measured differences are well inside that."""
+    single = run(workspace, "single")
+    assert single.returncode == 0, single.stderr
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += train_command("ddp")[1:]
+    ddp = subprocess.run(command, cwd=workspace, env=env(workspace), capture_output=True, text=True)
+    assert ddp.returncode == 0, ddp.stderr
+    assert "training on cpu x 2" in ddp.stdout
+    assert ddp.stdout.count("epoch  1/3") == 1, "only rank 0 reports"
+
+    one = list(csv.DictReader((workspace / "single" / "history.csv").open()))
+    two = list(csv.DictReader((workspace / "ddp" / "history.csv").open()))
+    assert [r["lr"] for r in one] == [r["lr"] for r in two], "the same schedule"
+    for a, b in zip(one, two, strict=True):
+        assert float(b["train_loss"]) == pytest.approx(float(a["train_loss"]), rel=0.10)
+    assert abs(float(one[-1]["test_acc"]) - float(two[-1]["test_acc"])) <= 10
+    assert float(two[-1]["test_acc"]) > 30, "it learned (10 classes: chance is 10%)"
+    model = build_model(Params().model.__class__(width=4))
+    model.load_state_dict(torch.load(workspace / "ddp" / "model.pt", weights_only=True))
+
+    client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("cifar10-one-cycle")
+    assert len(client.search_runs([experiment.experiment_id])) == 2, "one MLflow run each: rank 1 logs nothing"

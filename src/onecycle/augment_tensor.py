@@ -95,7 +95,7 @@ class TensorAugment:
             return torch.randint(0, high, (n,), generator=generator, device=device)
 
         dy, dx = uniform(offsets), uniform(offsets)
-        flip = torch.rand(n, generator=generator, device=device) <= p.flip_p  # like albumentations: random() < p
+        flip = torch.rand(n, generator=generator, device=device) < p.flip_p  # like albumentations: random() < p
         top, left = uniform(holes), uniform(holes)
         return Draws(dy, dx, flip, top, left)
 

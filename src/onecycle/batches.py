@@ -23,14 +23,26 @@ def epoch_seeds(seed: int, epoch: int) -> tuple[int, int]:
 
 
 def train_batches(
-    dataset: Dataset, params: AugmentParams, batch_size: int, *, seed: int, epoch: int, device: torch.device
+    dataset: Dataset,
+    params: AugmentParams,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    device: torch.device,
+    rank: int = 0,
+    world: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of shuffled, augmented training batches; the last one may be smaller (none is dropped)."""
+    """One epoch of shuffled, augmented training batches; the last one may be smaller (none is dropped).
+
+    Under torchrun every process draws the same shuffle and takes its share (`rank`, `world`) of each batch
+    of `batch_size`, with augmentations of its own.
+    """
     shuffle_seed, augment_seed = epoch_seeds(seed, epoch)
     order = np.random.default_rng(shuffle_seed).permutation(len(dataset.train.labels))
-    transform = augment.train_transform(params, dataset.mean, dataset.std, seed=augment_seed)
+    transform = augment.train_transform(params, dataset.mean, dataset.std, seed=(augment_seed + rank) % 2**32)
     for start in range(0, len(order), batch_size):
-        index = order[start : start + batch_size]
+        index = order[start : start + batch_size][rank::world]
         x = torch.from_numpy(augment.augment_batch(transform, dataset.train.images[index]))
         y = torch.from_numpy(dataset.train.labels[index])
         yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)

@@ -18,11 +18,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from onecycle import batches, outputs, schedules
+from onecycle import batches, distributed, outputs, schedules
 from onecycle.config import Params, TrainParams, flatten
 from onecycle.data import Dataset
+from onecycle.distributed import SINGLE, Group
 from onecycle.errors import UserError
 
 HISTORY_COLUMNS = ("epoch", "lr", "momentum", "train_loss", "train_acc", "test_loss", "test_acc", "seconds")
@@ -52,14 +54,6 @@ class Diverged(UserError):
     """A non-finite loss: the LR range is too high for this run."""
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"train.device = {name!r} but this machine has no CUDA device: use 'auto' or 'cpu'")
-    return torch.device(name)
-
-
 def make_optimizer(model: torch.nn.Module, params: TrainParams, lr: float) -> torch.optim.SGD:
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=params.momentum[0], weight_decay=params.weight_decay)
 
@@ -73,39 +67,42 @@ def train_one_epoch(
     first_step: int,
     epoch: int,
     steps: int,
+    group: Group = SINGLE,
     progress: bool = True,
-) -> tuple[float, float, int]:
+) -> tuple[float, int, int]:
     """One pass over `data`, setting (lr, momentum) = schedule[step] before each optimizer step.
 
-    Returns (mean loss per image, accuracy in percent). Raises Diverged at a non-finite loss.
+    Returns this process's (loss summed over images, correct, images). Raises Diverged at a non-finite loss
+    (on every process at once: under torchrun the loss checked is the sum over processes).
     """
     model.train()
-    loss_sum = correct = seen = 0.0
+    loss_sum, correct, seen = 0.0, 0, 0
     step = first_step
+    device = next(model.parameters()).device
     bar = tqdm(data, total=steps, desc=f"epoch {epoch}", leave=False, disable=not progress)
     for batch_id, (x, y) in enumerate(bar):
         lr, momentum = schedule[step]
-        for group in optimizer.param_groups:
-            group["lr"], group["momentum"] = lr, momentum
+        for param_group in optimizer.param_groups:
+            param_group["lr"], param_group["momentum"] = lr, momentum
         logits = model(x)
         loss = F.cross_entropy(logits, y)
         value = loss.item()
-        if not math.isfinite(value):
+        if not math.isfinite(distributed.all_sum([value], group, device)[0]):
             raise Diverged(
                 f"the loss became {value} at epoch {epoch}, step {step} (batch {batch_id}), LR {lr:.4g}: "
-                "training diverged. Lower the LR range: raise lr_finder.min_div, use lr_finder.pick: steepest, "
-                "or lower lr_finder.end_lr. Earlier outputs were left as they were"
+                "training diverged. Lower the LR range (lr_finder.pick: min_loss_div10 or steepest, or a lower "
+                "lr_finder.end_lr). Earlier outputs were left as they were"
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         loss_sum += value * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
+        correct += int((logits.argmax(1) == y).sum().item())
         seen += len(y)
         step += 1
         # the reference run's progress line: loss of this batch, batch index, running accuracy
         bar.set_description(f"Loss={value:.4f} Batch_id={batch_id} Accuracy={100 * correct / seen:.2f}")
-    return loss_sum / seen, 100 * correct / seen
+    return loss_sum, correct, seen
 
 
 @torch.no_grad()
@@ -149,17 +146,18 @@ class Checkpoint:
         outputs.torch_save(state, path)
 
     @classmethod
-    def load(cls, path: Path, expected_fingerprint: str) -> Checkpoint | None:
+    def load(cls, path: Path, expected_fingerprint: str, *, quiet: bool = False) -> Checkpoint | None:
         """The checkpoint at `path` if it belongs to this very run (same params and LR range), else None."""
+        say = (lambda _: None) if quiet else print
         if not path.exists():
             return None
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # a damaged checkpoint is not worth stopping for: start afresh
-            print(f"ignoring the unreadable checkpoint {path} ({exc}); starting afresh")
+            say(f"ignoring the unreadable checkpoint {path} ({exc}); starting afresh")
             return None
         if state.get("fingerprint") != expected_fingerprint:
-            print(f"params or LR range changed since the checkpoint {path}: starting afresh")
+            say(f"params or LR range changed since the checkpoint {path}: starting afresh")
             return None
         state["history"] = [EpochRecord(**r) for r in state["history"]]
         return cls(**state)
@@ -173,6 +171,7 @@ def fit(
     lr_max: float,
     device: torch.device,
     *,
+    group: Group = SINGLE,
     checkpoint_path: Path | None = None,
     resume: Checkpoint | None = None,
     run_id: str | None = None,
@@ -183,10 +182,19 @@ def fit(
 
     With `checkpoint_path`, every finished epoch is saved there (with `run_id`, the MLflow run it is logged
     to); `resume`, a checkpoint of this run (`Checkpoint.load`), continues after its last epoch.
-    `on_epoch(record)` is called after each epoch (tracking).
+    `on_epoch(record)` is called after each epoch (tracking). Under torchrun (`group`), every process trains
+    on its shard of each batch and rank 0 alone evaluates, prints, checkpoints and calls `on_epoch`; the
+    history is returned on rank 0 (empty elsewhere).
     """
     train = params.train
-    steps = schedules.steps_per_epoch(len(dataset.train.labels), train.batch_size)
+    n_images = len(dataset.train.labels)
+    steps = schedules.steps_per_epoch(n_images, train.batch_size)
+    smallest_batch = n_images % train.batch_size or train.batch_size
+    if min(smallest_batch, train.batch_size) < group.world:
+        raise UserError(
+            f"train.batch_size = {train.batch_size} leaves a batch of {smallest_batch} images, fewer than the "
+            f"{group.world} processes: every process needs at least one image of every batch"
+        )
     try:
         schedule = schedules.one_cycle_table(train, steps, lr_min, lr_max)
     except ValueError as exc:
@@ -200,27 +208,40 @@ def fit(
         optimizer.load_state_dict(resume.optimizer)
         torch.set_rng_state(resume.torch_rng)
         history = list(resume.history)
-        print(f"resuming after epoch {len(history)} of {train.epochs}")
+        if group.is_main:
+            print(f"resuming after epoch {len(history)} of {train.epochs}")
+    # DDP averages the gradients over the processes; it wraps the model only for the training passes
+    net = (
+        DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        if group.active
+        else model
+    )
 
     for epoch in range(len(history) + 1, train.epochs + 1):
         start = time.perf_counter()
         data = batches.train_batches(
-            dataset, params.augment, train.batch_size, seed=train.seed, epoch=epoch, device=device
-        )
+            dataset, params.augment, train.batch_size, seed=train.seed, epoch=epoch, device=device,
+            rank=group.rank, world=group.world,
+        )  # fmt: skip
         first_step = (epoch - 1) * steps
-        train_loss, train_acc = train_one_epoch(
-            model, optimizer, data, schedule, first_step=first_step, epoch=epoch, steps=steps, progress=progress
-        )
-        test = batches.eval_batches(dataset.test, dataset.mean, dataset.std, train.batch_size, device)
-        test_loss, correct, total = evaluate(model, test)
-        lr, momentum = schedule[first_step + steps - 1]
-        seconds = time.perf_counter() - start
-        record = EpochRecord(epoch, lr, momentum, train_loss, train_acc, test_loss, 100 * correct / total, seconds)
-        history.append(record)
-        print(record.line(train.epochs, correct, total), flush=True)
-        if on_epoch:
-            on_epoch(record)
-        if checkpoint_path:
-            state = Checkpoint(key, history, model.state_dict(), optimizer.state_dict(), torch.get_rng_state(), run_id)
-            state.save(checkpoint_path)
+        sums = train_one_epoch(
+            net, optimizer, data, schedule, first_step=first_step, epoch=epoch, steps=steps, group=group,
+            progress=progress and group.is_main,
+        )  # fmt: skip
+        loss_sum, correct_sum, seen = distributed.all_sum(list(sums), group, device)
+        if group.is_main:
+            test = batches.eval_batches(dataset.test, dataset.mean, dataset.std, train.batch_size, device)
+            test_loss, correct, total = evaluate(model, test)
+            lr, momentum = schedule[first_step + steps - 1]
+            seconds = time.perf_counter() - start
+            train_loss, train_acc = loss_sum / seen, 100 * correct_sum / seen
+            record = EpochRecord(epoch, lr, momentum, train_loss, train_acc, test_loss, 100 * correct / total, seconds)
+            history.append(record)
+            print(record.line(train.epochs, correct, total), flush=True)
+            if on_epoch:
+                on_epoch(record)
+            if checkpoint_path:
+                rng = torch.get_rng_state()
+                Checkpoint(key, history, model.state_dict(), optimizer.state_dict(), rng, run_id).save(checkpoint_path)
+    distributed.barrier(group)
     return history
