@@ -241,17 +241,36 @@ def test_a_server_that_stops_mid_run_costs_no_local_output(workspace, mlflow_ser
 
 # ---- data-parallel training under torchrun: two CPU processes with the gloo backend
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
-def test_two_processes_under_torchrun_train_like_one(workspace):
-    """Two processes split every batch of 32 into two halves; DDP averages their gradients, which is the
-    gradient of the whole batch. What differs from one process: BatchNorm normalises each half by its own
-    statistics, and the augmentation draws differ. Tolerance: per-epoch train loss within 10% (relative)
-    and final test accuracy within 10 points; measured differences are well inside that."""
+
+def test_two_processes_give_the_single_process_weights_without_batchnorm(small_archive, tmp_path):
+    """The sharding and gradient averaging, exactly: a linear model (no BatchNorm) without augmentation
+    trained by two processes ends with the weights of one process, to float rounding."""
+    path, md5 = small_archive
+    script = str(ROOT / "tests" / "ddp_linear.py")
+    for command, out in (([sys.executable, script], "one.pt"), ([*TORCHRUN, script], "two.pt")):
+        done = subprocess.run([*command, str(path), md5, str(tmp_path / out)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    one, two = (torch.load(tmp_path / name, weights_only=True) for name in ("one.pt", "two.pt"))
+    for key, value in one["weights"].items():
+        torch.testing.assert_close(two["weights"][key], value, rtol=1e-4, atol=1e-5)
+    assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
+    assert one["train_loss"][-1] < one["train_loss"][0], "it learned"
+
+
+def test_the_stage_under_torchrun_trains_like_one_process(workspace):
+    """The real stage, model and augmentation under torchrun. BatchNorm normalises each process's half batch
+    by its own statistics and the augmentation draws differ, so the runs are not equal, and on this tiny set
+    (600 images, width 4, 57 steps) the seed alone moves a lot: one process's final train loss was 0.905,
+    1.208 and 1.254 for seeds 0, 1 and 2 (test accuracy 69.5, 44.5, 62.5%); two processes gave 1.396 and
+    63.5%. Tolerance: final train loss within 60% and test accuracy within 25 points of the single run."""
+    (workspace / "reports" / "lr_range.json").write_text(json.dumps({"lr_min": 0.005, "lr_max": 0.05}))
     single = run(workspace, "single")
     assert single.returncode == 0, single.stderr
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += train_command("ddp")[1:]
-    ddp = subprocess.run(command, cwd=workspace, env=env(workspace), capture_output=True, text=True)
+    ddp = subprocess.run(
+        [*TORCHRUN, *train_command("ddp")[1:]], cwd=workspace, env=env(workspace), capture_output=True, text=True
+    )
     assert ddp.returncode == 0, ddp.stderr
     assert "training on cpu x 2" in ddp.stdout
     assert ddp.stdout.count("epoch  1/3") == 1, "only rank 0 reports"
@@ -259,12 +278,10 @@ def test_two_processes_under_torchrun_train_like_one(workspace):
     one = list(csv.DictReader((workspace / "single" / "history.csv").open()))
     two = list(csv.DictReader((workspace / "ddp" / "history.csv").open()))
     assert [r["lr"] for r in one] == [r["lr"] for r in two], "the same schedule"
-    for a, b in zip(one, two, strict=True):
-        assert float(b["train_loss"]) == pytest.approx(float(a["train_loss"]), rel=0.10)
-    assert abs(float(one[-1]["test_acc"]) - float(two[-1]["test_acc"])) <= 10
-    assert float(two[-1]["test_acc"]) > 30, "it learned (10 classes: chance is 10%)"
-    model = build_model(Params().model.__class__(width=4))
-    model.load_state_dict(torch.load(workspace / "ddp" / "model.pt", weights_only=True))
+    assert float(two[-1]["train_loss"]) == pytest.approx(float(one[-1]["train_loss"]), rel=0.6)
+    assert abs(float(one[-1]["test_acc"]) - float(two[-1]["test_acc"])) <= 25
+    assert float(two[-1]["train_loss"]) < float(two[0]["train_loss"]), "it learned"
+    assert not (workspace / "ddp" / "ckpt" / "train.pt").exists()
 
     client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("cifar10-one-cycle")
