@@ -35,9 +35,8 @@ def main() -> None:
         momentum=params.train.momentum[1],
         weight_decay=params.train.weight_decay,
     )
-    stream = batches.endless_train_batches(
-        dataset, params.augment, params.train.batch_size, seed=params.train.seed, device=device
-    )
+    loader = batches.TrainLoader(dataset, params.augment, params.train.batch_size, device)
+    stream = loader.endless(seed=params.train.seed)
     curve = lr_finder.range_test(model, optimizer, stream, params.lr_finder)
     found = lr_finder.pick_range(curve, params.lr_finder)  # no range: a clear error, nothing written
     summary = found.as_dict(curve, len(dataset.train.labels))

@@ -78,7 +78,7 @@ def train(args: argparse.Namespace, params: Params, group: distributed.Group, de
         return
 
     metrics = final_metrics(history, lr_min, lr_max)
-    outputs.torch_save({k: v.cpu() for k, v in model.state_dict().items()}, args.model)
+    outputs.torch_save({k: v.cpu().contiguous() for k, v in model.state_dict().items()}, args.model)
     rows = [[getattr(r, c) for c in training.HISTORY_COLUMNS] for r in history]
     outputs.write_csv(args.history, training.HISTORY_COLUMNS, rows)
     outputs.write_json(args.metrics, metrics)

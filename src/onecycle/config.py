@@ -68,6 +68,15 @@ def _choice(*options: str) -> Rule:
     return Rule(parse, "one of " + ", ".join(repr(o) for o in options))
 
 
+def _boolean() -> Rule:
+    def parse(v: Any) -> bool:
+        if not isinstance(v, bool):
+            raise ValueError
+        return v
+
+    return Rule(parse, "true or false")
+
+
 def _optional(rule: Rule) -> Rule:
     return Rule(lambda v: None if v is None else rule.parse(v), f"null or {rule.allowed}")
 
@@ -108,6 +117,9 @@ class AugmentParams:
     crop: int = _param(IMAGE_SIZE, _integer(IMAGE_SIZE, IMAGE_SIZE + 32))  # pixels, side of the random crop
     flip_p: float = _param(0.5, _number(0.0, 1.0))  # probability of a horizontal flip
     cutout: int = _param(8, _integer(0, IMAGE_SIZE))  # pixels, side of the one square hole; 0 = none
+    # albumentations: per image on the CPU (the reference); tensor: whole batches on the training device
+    # (same distribution); auto: tensor on a GPU, albumentations on the CPU
+    backend: str = _param("auto", _choice("auto", "albumentations", "tensor"))
 
 
 @dataclass(frozen=True)
@@ -139,6 +151,9 @@ class TrainParams:
     )
     weight_decay: float = _param(5e-4, _number(0.0))
     device: str = _param("auto", _pattern(r"auto|cpu|cuda(:\d+)?", "'auto', 'cpu', 'cuda' or 'cuda:N'"))
+    precision: str = _param("auto", _choice("auto", "fp32", "bf16"))  # auto: bf16 autocast on CUDA, fp32 on CPU
+    channels_last: bool = _param(True, _boolean())  # NHWC activations: faster convolutions on CPU and GPU
+    compile: bool = _param(False, _boolean())  # torch.compile the model (pays off on a GPU, costs a warm-up)
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,34 @@ def make_optimizer(model: torch.nn.Module, params: TrainParams, lr: float) -> to
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=params.momentum[0], weight_decay=params.weight_decay)
 
 
+@dataclass(frozen=True)
+class StepOptions:
+    """How each forward and backward pass runs (train.precision, train.channels_last, the device)."""
+
+    autocast: torch.dtype | None = None  # bf16 autocast on CUDA; None: float32
+    channels_last: bool = False  # NHWC activations
+    check_every_step: bool = True  # read the loss each step (free on the CPU); on CUDA only at the epoch's end
+
+    @classmethod
+    def of(cls, params: TrainParams, device: torch.device) -> StepOptions:
+        bf16 = params.precision == "bf16" or (params.precision == "auto" and device.type == "cuda")
+        return cls(torch.bfloat16 if bf16 else None, params.channels_last, device.type != "cuda")
+
+    def forward(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(x.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+            return model(x).float()  # logits in float32: the loss and argmax are computed at full precision
+
+
+def _diverged(value: float, epoch: int, step: int, batch_id: int, lr: float) -> Diverged:
+    return Diverged(
+        f"the loss became {value} at epoch {epoch}, step {step} (batch {batch_id}), LR {lr:.4g}: training "
+        "diverged. Lower the LR range (lr_finder.pick: min_loss_div10 or steepest, or a lower lr_finder.end_lr). "
+        "Earlier outputs were left as they were"
+    )
+
+
 def train_one_epoch(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -67,55 +95,66 @@ def train_one_epoch(
     first_step: int,
     epoch: int,
     steps: int,
+    options: StepOptions = StepOptions(),
     group: Group = SINGLE,
     progress: bool = True,
 ) -> tuple[float, int, int]:
     """One pass over `data`, setting (lr, momentum) = schedule[step] before each optimizer step.
 
-    Returns this process's (loss summed over images, correct, images). Raises Diverged at a non-finite loss
-    (on every process at once: under torchrun the loss checked is the sum over processes).
+    Returns this process's (loss summed over images, correct, images). Raises Diverged at a non-finite loss,
+    on every process at once (under torchrun the loss checked is the sum over processes). On CUDA the
+    losses and counts stay on the device until the epoch ends (no synchronisation per step); a non-finite
+    loss is then reported at the end of its epoch, with its exact step.
     """
     model.train()
-    loss_sum, correct, seen = 0.0, 0, 0
-    step = first_step
     device = next(model.parameters()).device
+    losses, sizes = [], []  # per step: mean loss (a device tensor), images
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     bar = tqdm(data, total=steps, desc=f"epoch {epoch}", leave=False, disable=not progress)
     for batch_id, (x, y) in enumerate(bar):
+        step = first_step + batch_id
         lr, momentum = schedule[step]
         for param_group in optimizer.param_groups:
             param_group["lr"], param_group["momentum"] = lr, momentum
-        logits = model(x)
+        logits = options.forward(model, x)
         loss = F.cross_entropy(logits, y)
-        value = loss.item()
-        if not math.isfinite(distributed.all_sum([value], group, device)[0]):
-            raise Diverged(
-                f"the loss became {value} at epoch {epoch}, step {step} (batch {batch_id}), LR {lr:.4g}: "
-                "training diverged. Lower the LR range (lr_finder.pick: min_loss_div10 or steepest, or a lower "
-                "lr_finder.end_lr). Earlier outputs were left as they were"
-            )
+        if options.check_every_step:
+            value = loss.item()
+            if not math.isfinite(distributed.all_sum([value], group, device)[0]):
+                raise _diverged(value, epoch, step, batch_id, lr)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += value * len(y)
-        correct += int((logits.argmax(1) == y).sum().item())
-        seen += len(y)
-        step += 1
-        # the reference run's progress line: loss of this batch, batch index, running accuracy
-        bar.set_description(f"Loss={value:.4f} Batch_id={batch_id} Accuracy={100 * correct / seen:.2f}")
-    return loss_sum, correct, seen
+        losses.append(loss.detach())
+        sizes.append(len(y))
+        correct += (logits.argmax(1) == y).sum()
+        if options.check_every_step:
+            # the reference run's progress line: loss of this batch, batch index, running accuracy
+            running = 100 * correct.item() / sum(sizes)
+            bar.set_description(f"Loss={value:.4f} Batch_id={batch_id} Accuracy={running:.2f}")
+    per_step = torch.stack(losses).double().cpu()  # the epoch's one synchronisation on CUDA
+    bad = torch.flatten(torch.nonzero(~torch.isfinite(per_step)))
+    if distributed.all_sum([float(len(bad))], group, device)[0]:
+        first = int(bad[0]) if len(bad) else 0
+        raise _diverged(float(per_step[first]), epoch, first_step + first, first, schedule[first_step + first][0])
+    return float((per_step * torch.tensor(sizes, dtype=torch.float64)).sum()), int(correct), sum(sizes)
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, int, int]:
+def evaluate(
+    model: torch.nn.Module, data: Iterator[tuple[torch.Tensor, torch.Tensor]], options: StepOptions = StepOptions()
+) -> tuple[float, int, int]:
     """(mean loss per image, correct, total) on `data`."""
     model.eval()
-    loss_sum, correct, total = 0.0, 0, 0
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    correct = torch.zeros((), dtype=torch.int64)
+    total = 0
     for x, y in data:
-        logits = model(x)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += int((logits.argmax(1) == y).sum().item())
+        logits = options.forward(model, x)
+        loss_sum = loss_sum.to(logits.device) + F.cross_entropy(logits, y, reduction="sum").double()
+        correct = correct.to(logits.device) + (logits.argmax(1) == y).sum()
         total += len(y)
-    return loss_sum / total, correct, total
+    return float(loss_sum) / total, int(correct), total
 
 
 @torch.no_grad()
@@ -199,7 +238,12 @@ def fit(
         schedule = schedules.one_cycle_table(train, steps, lr_min, lr_max)
     except ValueError as exc:
         raise UserError(f"cannot build the One Cycle schedule: {exc}") from None
+    options = StepOptions.of(train, device)
     model.to(device)
+    if options.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest convolutions
     optimizer = make_optimizer(model, train, lr_min)
     key = fingerprint(params, lr_min, lr_max)
     history: list[EpochRecord] = []
@@ -210,28 +254,26 @@ def fit(
         history = list(resume.history)
         if group.is_main:
             print(f"resuming after epoch {len(history)} of {train.epochs}")
-    # DDP averages the gradients over the processes; it wraps the model only for the training passes
-    net = (
-        DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-        if group.active
-        else model
-    )
+    # DDP averages the gradients over the processes; it and torch.compile wrap the model for training passes
+    net = model
+    if group.active:
+        net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if train.compile:
+        net = torch.compile(net)
+    loader = batches.TrainLoader(dataset, params.augment, train.batch_size, device)
 
     for epoch in range(len(history) + 1, train.epochs + 1):
         start = time.perf_counter()
-        data = batches.train_batches(
-            dataset, params.augment, train.batch_size, seed=train.seed, epoch=epoch, device=device,
-            rank=group.rank, world=group.world,
-        )  # fmt: skip
+        data = loader.epoch(seed=train.seed, epoch=epoch, rank=group.rank, world=group.world)
         first_step = (epoch - 1) * steps
         sums = train_one_epoch(
-            net, optimizer, data, schedule, first_step=first_step, epoch=epoch, steps=steps, group=group,
-            progress=progress and group.is_main,
+            net, optimizer, data, schedule, first_step=first_step, epoch=epoch, steps=steps, options=options,
+            group=group, progress=progress and group.is_main,
         )  # fmt: skip
         loss_sum, correct_sum, seen = distributed.all_sum(list(sums), group, device)
         if group.is_main:
             test = batches.eval_batches(dataset.test, dataset.mean, dataset.std, train.batch_size, device)
-            test_loss, correct, total = evaluate(model, test)
+            test_loss, correct, total = evaluate(model, test, options)
             lr, momentum = schedule[first_step + steps - 1]
             seconds = time.perf_counter() - start
             train_loss, train_acc = loss_sum / seen, 100 * correct_sum / seen
