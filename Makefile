@@ -22,6 +22,9 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed lint
 	$(BIN)/python -m pytest -q
 
+bench: $(VENV)/.installed
+	$(BIN)/python scripts/bench.py
+
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -188,3 +188,22 @@ def test_push_then_a_fresh_clone_pulls_the_results_without_training(repo, tmp_pa
     for output in ("models/model.pt", "reports/metrics.json", "reports/history.csv", "reports/plots/accuracy.png"):
         assert (clone / output).read_bytes() == (repo / output).read_bytes(), output
     assert ran(sh(clone, "dvc", "repro")) == []
+
+
+def test_queued_experiments_run_two_at_a_time_and_all_reach_mlflow(repo):
+    """`dvc exp run --queue` then `--run-all -j 2`: both run at once in DVC's temporary workspaces, and both
+    log to the one mlflow.db at the repository root without a 'database is locked' loss."""
+    names = ("queued-five", "queued-six")
+    for name, epochs in zip(names, (5, 6), strict=True):
+        sh(repo, "dvc", "exp", "run", "--queue", "-S", f"train.epochs={epochs}", "-n", name)
+    result = sh(repo, "dvc", "exp", "run", "--run-all", "-j", "2")
+    assert "database is locked" not in result.stdout + result.stderr
+    listed = sh(repo, "dvc", "exp", "list").stdout
+    assert all(name in listed for name in names)
+    client, runs = mlflow_runs(repo, "train_one_cycle")
+    for name, epochs in zip(names, (5, 6), strict=True):
+        [run] = [r for r in runs if r.data.tags.get("dvc.exp_name") == name]
+        assert run.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "test_acc")]
+        assert steps == list(range(1, epochs + 1)), name
+        assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")}, "plot_reports found the run"

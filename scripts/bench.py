@@ -1,0 +1,233 @@
+"""`make bench`: the project's speed against plain baselines, each pair measured side by side in this run.
+
+    python scripts/bench.py [--out reports/benchmark.json] [--width 16] [--batch-size 256] [--steps 4]
+
+1. Training step throughput (images/s): the project's epoch loop (tensor augmentation on the device,
+   channels_last, `training.train_one_epoch`) against a plain baseline of the same network (float32, NCHW,
+   eager, a torch DataLoader applying albumentations image by image), alternating, best of --repeat.
+2. Augmentation throughput: the tensor backend against albumentations per image (scripts/bench_augment.py).
+3. The LR range test's cost in training images against the reference's 20 epochs of 50,000.
+4. The wall time of a `dvc repro` that has nothing to do, on a tiny pipeline in a temporary git repository.
+On CUDA it adds the steps' seconds per epoch of 50,000 images and the model FLOP utilisation against
+2.28 GFLOP per training image (forward + backward) and the GPU's bf16 peak (PEAK_TFLOPS in the environment).
+Prints a Markdown table and writes the figures to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_augment  # noqa: E402
+
+from onecycle import augment, batches, training  # noqa: E402
+from onecycle.config import AugmentParams, Params, TrainParams  # noqa: E402
+from onecycle.data import Dataset, Split  # noqa: E402
+from onecycle.model import CustomResNet  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+FLOP_PER_IMAGE = 2.28e9  # forward + backward of the width-64 network on one 32x32 image
+REFERENCE_IMAGES = 20 * 50_000  # the reference's range test: 20 one-epoch trainings
+
+
+class PerImage(torch.utils.data.Dataset):
+    """The plain way: albumentations on one image at a time, in a DataLoader."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        image = self.transform(image=self.images[i])["image"]  # float32 HWC, normalised
+        return torch.from_numpy(image.transpose(2, 0, 1).copy()), int(self.labels[i])
+
+
+def baseline_epoch(model, optimizer, loader, device) -> None:
+    model.train()
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_step_throughput(width: int, batch_size: int, steps: int, repeat: int, device: torch.device) -> dict:
+    n = batch_size * steps
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, n).astype(np.int64)
+    mean, std = augment.channel_stats(images)
+    dataset = Dataset(Split(images, labels), Split(images[:batch_size], labels[:batch_size]), (), mean, std)
+
+    torch.manual_seed(0)
+    plain = CustomResNet(width).to(device)
+    plain_opt = torch.optim.SGD(plain.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    per_image = PerImage(images, labels, augment.train_transform(AugmentParams(), mean, std, seed=0))
+    plain_loader = torch.utils.data.DataLoader(per_image, batch_size=batch_size, shuffle=True)
+
+    loader = batches.TrainLoader(dataset, AugmentParams(backend="tensor"), batch_size, device)
+    schedule = [(0.01, 0.9)] * steps
+    # the project's step as params.yaml runs it (precision auto: bf16 on CUDA, fp32 on the CPU), and with bf16
+    # autocast asked for on the CPU too (train.precision: bf16)
+    variants = {"project": "auto", "project_bf16": "bf16"} if device.type == "cpu" else {"project": "auto"}
+    models = {}
+    for name, precision in variants.items():
+        train = TrainParams(batch_size=batch_size, channels_last=True, precision=precision)
+        model = CustomResNet(width).to(device).to(memory_format=torch.channels_last)
+        models[name] = (model, training.make_optimizer(model, train, 0.01), training.StepOptions.of(train, device))
+
+    def project_epoch(name: str, epoch: int) -> None:
+        model, optimizer, options = models[name]
+        data = loader.epoch(seed=0, epoch=epoch)
+        training.train_one_epoch(
+            model, optimizer, data, schedule, first_step=0, epoch=epoch, steps=steps, options=options, progress=False
+        )
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    best = dict.fromkeys(["baseline", *variants], float("inf"))
+    for attempt in range(repeat + 1):  # attempt 0 warms up (allocators, cuDNN autotuning)
+        for name in best:
+            start = time.perf_counter()
+            if name == "baseline":
+                baseline_epoch(plain, plain_opt, plain_loader, device)
+            else:
+                project_epoch(name, attempt)
+            if attempt:
+                best[name] = min(best[name], time.perf_counter() - start)
+    rate = {name: n / seconds for name, seconds in best.items()}  # images per second
+    result = {
+        "width": width,
+        "batch_size": batch_size,
+        "images_per_run": n,
+        "baseline_images_per_s": rate["baseline"],
+        "torch_threads": torch.get_num_threads(),
+    }
+    for name in variants:
+        result |= {f"{name}_images_per_s": rate[name], f"{name}_ratio": rate[name] / rate["baseline"]}
+    if device.type == "cuda":
+        seconds_per_epoch = 50_000 / rate["project"]
+        peak = float(os.environ.get("PEAK_TFLOPS", "0") or 0)
+        result |= {
+            "seconds_per_epoch_of_50000": seconds_per_epoch,
+            "seconds_for_24_epochs": 24 * seconds_per_epoch,
+            # FLOP scale with width squared (channels in x channels out per convolution)
+            "achieved_tflops": rate["project"] * FLOP_PER_IMAGE * (width / 64) ** 2 / 1e12,
+        }
+        if peak:
+            result["model_flop_utilisation"] = result["achieved_tflops"] / peak
+    return result
+
+
+def range_test_cost() -> dict:
+    params = Params()
+    planned = params.lr_finder.num_iter * params.train.batch_size
+    result = {"planned_images": planned, "reference_images": REFERENCE_IMAGES, "ratio": REFERENCE_IMAGES / planned}
+    found = ROOT / "reports" / "lr_range.json"
+    if found.exists():
+        seen = json.loads(found.read_text())["images_seen"]
+        result |= {"last_run_images": seen, "last_run_ratio": REFERENCE_IMAGES / seen}
+    return result
+
+
+def noop_repro_seconds(repeat: int) -> float:
+    """Best wall time of `dvc repro` on an up-to-date tiny pipeline (a temporary git repo)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import cifar_members, write_archive
+
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = Path(tmp)
+        md5 = write_archive(repo / "cifar.tar.gz", cifar_members(train=200, test=50))
+        for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+            shutil.copy(ROOT / name, repo / name)
+        for folder in ("stages", "src", ".dvc"):
+            shutil.copytree(ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("tmp", "cache", "__pycache__"))
+        params = yaml.safe_load((ROOT / "params.yaml").read_text())
+        params["data"].update(url=str(repo / "cifar.tar.gz"), md5=md5)
+        params["model"]["width"] = 4
+        params["lr_finder"].update(num_iter=10, start_lr=1e-3)
+        params["train"].update(epochs=2, peak_epoch=1, batch_size=64, device="cpu")
+        (repo / "params.yaml").write_text(yaml.safe_dump(params))
+
+        def sh(*args: str) -> None:
+            subprocess.run(args, cwd=repo, env=env, check=True, capture_output=True)
+
+        sh("git", "init", "-q")
+        sh("dvc", "repro")
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            sh("dvc", "repro")
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "reports" / "benchmark.json")
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=4, help="steps per timed run")
+    parser.add_argument("--repeat", type=int, default=2)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    step = train_step_throughput(args.width, args.batch_size, args.steps, args.repeat, device)
+    aug = bench_augment.measure(n_images=5000, repeat=3, threads=1, batch_size=512)
+    cost = range_test_cost()
+    noop = noop_repro_seconds(repeat=3)
+    results = {
+        "device": str(device),
+        "train_step": step,
+        "augmentation": aug,
+        "range_test": cost,
+        "noop_repro_seconds": noop,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+    print(f"| measure ({device}) | baseline | project | ratio |")
+    print("| --- | --- | --- | --- |")
+    for name, label in (("project", "project step"), ("project_bf16", "project step, train.precision: bf16")):
+        if f"{name}_images_per_s" in step:
+            print(
+                f"| training step, width {step['width']}, batch {step['batch_size']}: {label} (images/s) | "
+                f"{step['baseline_images_per_s']:,.0f} | {step[f'{name}_images_per_s']:,.0f} | "
+                f"{step[f'{name}_ratio']:.2f}x |"
+            )
+    print(
+        f"| augmentation, batches of 512 (images/s, 1 thread) | {aug['albumentations_images_per_s']:,.0f} | "
+        f"{aug['tensor_batched_images_per_s']:,.0f} | {aug['batched_ratio']:.1f}x |"
+    )
+    print(
+        f"| LR range test (training images) | {cost['reference_images']:,} | {cost['planned_images']:,} | "
+        f"{cost['ratio']:.1f}x fewer |"
+    )
+    print(f"| `dvc repro` with nothing to do (s) | | {noop:.2f} | |")
+    if "seconds_per_epoch_of_50000" in step:
+        print(f"| seconds per epoch of 50,000 | | {step['seconds_per_epoch_of_50000']:.2f} | |")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
