@@ -70,7 +70,13 @@ class TensorAugment:
         self.fill = torch.tensor([int(round(m)) for m in mean], dtype=torch.uint8)
         self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def store(self, images: np.ndarray | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+        """A dataset as the fast path keeps it: uint8 NCHW on `device`, padded once (reflect-101) for all epochs,
+        so no batch pays for the padding again. Pass it to `__call__` with `padded=True`."""
+        x = to_nchw(images, device)
+        return F.pad(x, (self.params.pad,) * 4, mode="reflect") if self.params.pad > 0 else x
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator, *, padded: bool = False) -> torch.Tensor:
         """uint8 (N, 3, H, W) or (N, H, W, 3) on any device -> normalised float32 (N, 3, crop, crop), same device.
 
         All randomness comes from `generator`: the same generator state gives the same output. A CPU generator
@@ -82,7 +88,7 @@ class TensorAugment:
             # one copy instead of five; a generator on the images' device needs none
             packed = torch.stack([d.long() for d in draws]).to(images.device, non_blocking=True)  # (5, N)
             draws = Draws(packed[0], packed[1], packed[2].bool(), packed[3], packed[4])
-        return self.apply(images, draws)
+        return self.apply(images, draws, padded=padded)
 
     def draw(self, n: int, generator: torch.Generator) -> Draws:
         """The random choices for n images, on the generator's device; always five draws in this order, so the
@@ -99,14 +105,16 @@ class TensorAugment:
         top, left = uniform(holes), uniform(holes)
         return Draws(dy, dx, flip, top, left)
 
-    def apply(self, images: torch.Tensor, draws: Draws) -> torch.Tensor:
-        """The deterministic part: `images` transformed as `draws` (tensors on the images' device) say."""
+    def apply(self, images: torch.Tensor, draws: Draws, *, padded: bool = False) -> torch.Tensor:
+        """The deterministic part: `images` transformed as `draws` (tensors on the images' device) say.
+        `padded`: the images come from `store`, already padded."""
         p = self.params
         x = _nchw_view(images)
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(f"expected {self.image_size}x{self.image_size} images, got {tuple(images.shape)}")
+        side = self.image_size + (2 * p.pad if padded else 0)
+        if x.shape[-2:] != (side, side):
+            raise ValueError(f"expected {side}x{side} images, got {tuple(images.shape)}")
         n = torch.arange(len(x), device=x.device)
-        if p.pad > 0:
+        if p.pad > 0 and not padded:
             x = F.pad(x, (p.pad,) * 4, mode="reflect")  # reflect-101: abc|bcd, the edge pixel is not repeated
         # one gather from a view of every crop window; a fresh tensor, so the steps below may work in place
         out = _windows(x, p.crop)[n, :, draws.dy, draws.dx].contiguous()  # (N, 3, crop, crop) uint8

@@ -45,10 +45,10 @@ class TrainLoader:
     def __init__(self, dataset: Dataset, params: AugmentParams, batch_size: int, device: torch.device) -> None:
         self.dataset, self.params, self.batch_size, self.device = dataset, params, batch_size, device
         self.backend = resolve_backend(params.backend, device)
-        if self.backend == "tensor":  # the whole training set on the device once, as uint8 (3 KB an image)
-            self.images = to_nchw(dataset.train.images, device)
-            self.labels = torch.from_numpy(dataset.train.labels).to(device)
+        if self.backend == "tensor":  # the whole training set on the device once, padded uint8 (5 KB an image)
             self.augment = TensorAugment(params, dataset.mean, dataset.std)
+            self.images = self.augment.store(dataset.train.images, device)
+            self.labels = torch.from_numpy(dataset.train.labels).to(device)
 
     def __len__(self) -> int:
         return -(-len(self.dataset.train.labels) // self.batch_size)  # batches per epoch
@@ -62,7 +62,7 @@ class TrainLoader:
             order_t = torch.from_numpy(order).to(self.device)
             for start in range(0, len(order), self.batch_size):
                 index = order_t[start : start + self.batch_size][rank::world]
-                yield self.augment(self.images[index], generator), self.labels[index]
+                yield self.augment(self.images[index], generator, padded=True), self.labels[index]
         else:
             transform = augment.train_transform(self.params, self.dataset.mean, self.dataset.std, seed=augment_seed)
             for start in range(0, len(order), self.batch_size):
