@@ -262,3 +262,16 @@ def test_normalize_is_the_test_transform():
     reference = augment.augment_batch(augment.test_transform(MEAN, STD), images)
     assert ours.numpy().tobytes() == reference.tobytes()
     assert normalise(images).tobytes() == reference.tobytes()  # the tests' own normalisation is albumentations'
+
+
+def test_a_dataset_stored_padded_gives_the_same_bytes_as_padding_each_batch():
+    """Training keeps its dataset padded once (`store`); a batch from it augments exactly like the raw images."""
+    images = np.random.default_rng(3).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    augmenter = TensorAugment(AugmentParams(), (125.0, 123.0, 114.0), (63.0, 62.0, 66.0))
+    stored = augmenter.store(images)
+    assert stored.shape == (64, 3, 40, 40) and stored.dtype == torch.uint8
+    fresh = augmenter(to_nchw(images), torch.Generator().manual_seed(5))
+    from_store = augmenter(stored, torch.Generator().manual_seed(5), padded=True)
+    assert torch.equal(fresh, from_store)
+    with pytest.raises(ValueError, match="expected 40x40 images"):
+        augmenter(to_nchw(images), torch.Generator(), padded=True)
