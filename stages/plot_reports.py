@@ -79,7 +79,7 @@ def main() -> None:
     device = distributed.resolve_device(params.train.device)
     model.to(device)
     test = batches.eval_batches(dataset.test, dataset.mean, dataset.std, params.train.batch_size, device)
-    pred = training.predict(model, test).numpy()
+    pred = training.predict(model, test, training.StepOptions.of(params.train, device)).numpy()
     true = dataset.test.labels
 
     train = params.train

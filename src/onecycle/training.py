@@ -158,10 +158,12 @@ def evaluate(
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, data: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Predicted class of every image of `data`, in order (on the CPU)."""
+def predict(
+    model: torch.nn.Module, data: Iterator[tuple[torch.Tensor, torch.Tensor]], options: StepOptions = StepOptions()
+) -> torch.Tensor:
+    """Predicted class of every image of `data`, in order (on the CPU), computed as training evaluates."""
     model.eval()
-    return torch.cat([model(x).argmax(1).cpu() for x, _ in data])
+    return torch.cat([options.forward(model, x).argmax(1).cpu() for x, _ in data])
 
 
 def fingerprint(params: Params, lr_min: float, lr_max: float) -> str:
