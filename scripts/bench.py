@@ -33,7 +33,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_augment  # noqa: E402
 
-from onecycle import augment, batches, training  # noqa: E402
+from onecycle import augment, batches, data, training  # noqa: E402
 from onecycle.config import AugmentParams, Params, TrainParams  # noqa: E402
 from onecycle.data import Dataset, Split  # noqa: E402
 from onecycle.model import CustomResNet  # noqa: E402
@@ -74,7 +74,7 @@ def train_step_throughput(width: int, batch_size: int, steps: int, repeat: int, 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, n).astype(np.int64)
-    mean, std = augment.channel_stats(images)
+    mean, std = data.channel_stats(images)
     dataset = Dataset(Split(images, labels), Split(images[:batch_size], labels[:batch_size]), (), mean, std)
 
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from onecycle import augment
+from onecycle import augment, data
 from onecycle.augment_tensor import TensorAugment, to_nchw
 from onecycle.config import IMAGE_SIZE, AugmentParams
 
@@ -39,7 +39,7 @@ def measure(n_images: int = 5000, repeat: int = 3, threads: int | None = 1, batc
     as albumentations runs on one. None leaves torch's setting.
     """
     images = np.random.default_rng(0).integers(0, 256, (n_images, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-    mean, std = augment.channel_stats(images)
+    mean, std = data.channel_stats(images)
     params = AugmentParams()
     transform = augment.train_transform(params, mean, std, seed=0)
     augmenter = TensorAugment(params, mean, std)

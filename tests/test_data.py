@@ -318,3 +318,14 @@ def test_a_download_killed_midway_loses_nothing_and_a_rerun_ends_well(small_arch
     assert rerun.returncode == 0, rerun.stderr
     assert json.loads((out / "meta.json").read_text())["train_images"] == 600
     assert sorted(p.name for p in out.parent.iterdir()) == ["cifar10"], "the killed run's leftovers are gone"
+
+
+def test_channel_stats_matches_numpy_and_ignores_chunking():
+    images = np.random.default_rng(3).integers(0, 256, (300, 32, 32, 3), dtype=np.uint8)
+    images[..., 2] //= 2  # channels must differ, so a mixed-up channel shows
+    mean, std = data.channel_stats(images)
+    flat = images.reshape(-1, 3).astype(np.float64)
+    np.testing.assert_allclose(mean, flat.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(std, flat.std(axis=0), rtol=1e-12)
+    assert data.channel_stats(images, chunk=7) == (mean, std)
+    assert data.channel_stats(np.full((3, 4, 4, 3), 9, dtype=np.uint8)) == ((9.0,) * 3, (0.0,) * 3)

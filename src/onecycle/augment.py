@@ -89,24 +89,3 @@ def _check_images(images: np.ndarray) -> None:
         raise ValueError(f"expected uint8 images of shape (N, H, W, 3), got {got}")
     if len(images) == 0:
         raise ValueError("expected at least one image, got none")
-
-
-def channel_stats(images: np.ndarray, chunk: int = 1024) -> tuple[Triple, Triple]:
-    """Per-channel mean and (population) std of uint8 NHWC images, in pixel units (0..255).
-
-    Sums are exact integers accumulated chunk by chunk (about 25 MB of int64 per 1,024 images, never a copy of
-    the whole array), so the result is exact up to the final division and does not depend on `chunk`.
-    """
-    _check_images(images)
-    total = np.zeros(3, dtype=np.int64)  # 50,000 x 32 x 32 x 255**2 < 2**42: int64 cannot overflow
-    squares = np.zeros(3, dtype=np.int64)
-    for start in range(0, len(images), chunk):
-        block = images[start : start + chunk].reshape(-1, 3).astype(np.int64)
-        total += block.sum(axis=0)
-        squares += (block * block).sum(axis=0)
-    n = images.size // 3  # pixels per channel
-    # Python integers: n * sum(x^2) - sum(x)^2 is exact, so the only rounding is the final division
-    mean = tuple(int(t) / n for t in total)
-    var = [(n * int(s) - int(t) ** 2) / n**2 for t, s in zip(total, squares, strict=True)]
-    std = tuple(v**0.5 for v in var)
-    return mean, std

@@ -52,7 +52,7 @@ def to_nchw(images: np.ndarray | torch.Tensor, device: torch.device | str | None
 class TensorAugment:
     """The training transform for uint8 batches: `TensorAugment(params, mean, std)(images, generator)`.
 
-    `mean` and `std` are per channel in pixel units (0..255), as `augment.channel_stats` returns them.
+    `mean` and `std` are per channel in pixel units (0..255), as `data.channel_stats` returns them.
     """
 
     def __init__(self, params: AugmentParams, mean: Triple, std: Triple, image_size: int = IMAGE_SIZE):
