@@ -61,7 +61,8 @@ def main() -> None:
     start = time.perf_counter()
     torch.manual_seed(params.train.seed)
     model = CustomResNet(args.width).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=params.train.momentum[1], weight_decay=5e-4)
+    # as the lr_range_test stage: the momentum of the One Cycle's peak
+    optimizer = training.make_optimizer(model, params.train, params.lr_finder.start_lr, params.train.momentum[1])
     loader = batches.TrainLoader(dataset, params.augment, params.train.batch_size, device)
     curve = lr_finder.range_test(model, optimizer, loader.endless(seed=0), params.lr_finder, progress=False)
     found = lr_finder.pick_range(curve, params.lr_finder)

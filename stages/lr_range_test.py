@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from mlflow.entities import Metric
 
-from onecycle import batches, data, distributed, lr_finder, outputs
+from onecycle import batches, data, distributed, lr_finder, outputs, training
 from onecycle.config import flatten, load_params
 from onecycle.errors import stage_main
 from onecycle.model import build_model
@@ -29,12 +29,7 @@ def main() -> None:
     torch.manual_seed(params.train.seed)
     model = build_model(params.model).to(device)
     # momentum of the One Cycle's peak: the sweep looks for the LR that is safe at LRMAX
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=params.lr_finder.start_lr,
-        momentum=params.train.momentum[1],
-        weight_decay=params.train.weight_decay,
-    )
+    optimizer = training.make_optimizer(model, params.train, params.lr_finder.start_lr, params.train.momentum[1])
     loader = batches.TrainLoader(dataset, params.augment, params.train.batch_size, device)
     stream = loader.endless(seed=params.train.seed)
     curve = lr_finder.range_test(model, optimizer, stream, params.lr_finder)

@@ -50,9 +50,6 @@ class TrainLoader:
             self.images = self.augment.store(dataset.train.images, device)
             self.labels = torch.from_numpy(dataset.train.labels).to(device)
 
-    def __len__(self) -> int:
-        return -(-len(self.dataset.train.labels) // self.batch_size)  # batches per epoch
-
     def epoch(self, *, seed: int, epoch: int, rank: int = 0, world: int = 1) -> Iterator[Batch]:
         shuffle_seed, augment_seed = epoch_seeds(seed, epoch)
         augment_seed = (augment_seed + rank) % 2**32  # each process its own draws

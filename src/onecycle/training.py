@@ -54,8 +54,12 @@ class Diverged(UserError):
     """A non-finite loss: the LR range is too high for this run."""
 
 
-def make_optimizer(model: torch.nn.Module, params: TrainParams, lr: float) -> torch.optim.SGD:
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=params.momentum[0], weight_decay=params.weight_decay)
+def make_optimizer(
+    model: torch.nn.Module, params: TrainParams, lr: float, momentum: float | None = None
+) -> torch.optim.SGD:
+    """SGD with train.weight_decay; momentum defaults to the One Cycle's start (momentum at LRMIN)."""
+    momentum = params.momentum[0] if momentum is None else momentum
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=params.weight_decay)
 
 
 @dataclass(frozen=True)
@@ -146,13 +150,14 @@ def evaluate(
 ) -> tuple[float, int, int]:
     """(mean loss per image, correct, total) on `data`."""
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    correct = torch.zeros((), dtype=torch.int64)
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on the device: one synchronisation at the end
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     total = 0
     for x, y in data:
         logits = options.forward(model, x)
-        loss_sum = loss_sum.to(logits.device) + F.cross_entropy(logits, y, reduction="sum").double()
-        correct = correct.to(logits.device) + (logits.argmax(1) == y).sum()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+        correct += (logits.argmax(1) == y).sum()
         total += len(y)
     return float(loss_sum) / total, int(correct), total
 
