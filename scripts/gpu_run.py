@@ -1,18 +1,22 @@
-"""The GPU check of the speed issue in one command: range test, the 24-epoch fast-path run and the plain
-baseline's time, on the stand-in archive, with no DVC or MLflow (the device machine has neither).
+"""The GPU check of the speed issue in one command, on the stand-in archive, with no DVC or MLflow (the device
+machine has neither). Phases, most important first; each result is written to --out as soon as it exists:
 
     python scripts/gpu_run.py --archive cifar.tar.gz --md5 MD5 --out results.json [--width 64] [--epochs 24]
-        [--train-limit N] [--baseline-epochs 1]
+        [--train-limit N] [--deadline SECONDS] [--compile] [--reference]
 
-1. The LR range test (`lr_finder`, params.yaml's lr_finder keys) on the fast path's batches.
-2. `training.fit` for --epochs with the fast path (tensor augmentation, channels_last, bf16 autocast on CUDA,
-   torch.compile with --compile): per-epoch history, final test accuracy and wall time.
-3. The plain baseline (float32, NCHW, eager, per-image albumentations DataLoader) for --baseline-epochs,
-   timed, and its seconds per epoch scaled to --epochs.
-4. Model FLOP utilisation: 2.28 GFLOP per training image at width 64 (scaled by width squared) against
-   --peak-tflops (H200 bf16 dense: about 989).
-Writes everything to --out as JSON and prints a summary. Runs on a CPU too (small --width and
---train-limit), which is how it was tested before a GPU was available.
+1. `peak`: a bf16 matrix product (8192^3 on CUDA), the machine's measured ceiling for FLOP utilisation.
+2. `range_test`: the LR range test (params.yaml's lr_finder defaults) on the fast path's batches.
+3. `fast`: `training.fit` for --epochs on the fast path (tensor augmentation on the device, channels_last,
+   bf16 autocast on CUDA), eager: per-epoch history, test accuracy, wall time, model FLOP utilisation.
+4. `baseline`: the plain baseline (float32, NCHW, eager, per-image albumentations in a DataLoader), one epoch with
+   no worker processes (as `make bench` times it) and one with --workers; seconds per epoch, scaled to --epochs.
+5. `fast_compiled` (--compile): phase 3 again with train.compile, the compile's warm-up included.
+6. `reference` (--reference): the whole --epochs with the reference path of `training.fit` (albumentations image
+   by image, float32, NCHW) and the same LR range, for accuracy parity.
+A phase is skipped, and says so, when its estimated time does not fit before --deadline (seconds from the start).
+FLOP: 2.28 GFLOP per training image (forward and backward) at width 64, scaled by width squared; utilisation
+is given against --peak-tflops (H200 dense bf16 datasheet: 989) and against the measured matrix product.
+Runs on a CPU too (small --width and --train-limit): that is how it is tested before a GPU is lent.
 """
 
 from __future__ import annotations
@@ -20,8 +24,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import platform
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -34,6 +41,49 @@ from onecycle.config import Params, parse_params  # noqa: E402
 from onecycle.model import CustomResNet  # noqa: E402
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_tflops(device: torch.device) -> float:
+    """Measured bf16 matrix-product rate, TFLOP/s: mean of 10 products after 3 warm-ups."""
+    n = 8192 if device.type == "cuda" else 512
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    sync(device)
+    return 10 * 2 * n**3 / (time.perf_counter() - start) / 1e12
+
+
+def train_run(params: Params, dataset: data.Dataset, found: lr_finder.LRRange, device, flop_per_image, peaks) -> dict:
+    torch.manual_seed(params.train.seed)
+    model = CustomResNet(params.model.width)
+    sync(device)
+    start = time.perf_counter()
+    history = training.fit(model, dataset, params, found.lr_min, found.lr_max, device, progress=False)
+    seconds = time.perf_counter() - start
+    epochs = params.train.epochs
+    achieved = len(dataset.train.labels) * epochs * flop_per_image / seconds / 1e12
+    per_epoch = sorted(r.seconds for r in history)
+    return {
+        "history": [dataclasses.asdict(r) for r in history],
+        "test_acc": history[-1].test_acc,
+        "best_test_acc": max(r.test_acc for r in history),
+        "seconds": seconds,  # training and per-epoch evaluation, as the stage times it, warm-ups included
+        "seconds_per_epoch": seconds / epochs,
+        "first_epoch_seconds": history[0].seconds,  # cuDNN autotuning, compilation
+        "median_epoch_seconds": per_epoch[len(per_epoch) // 2],
+        "achieved_tflops": achieved,
+        "model_flop_utilisation": {name: achieved / peak for name, peak in peaks.items()},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archive", required=True)
@@ -42,21 +92,49 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=24)
     parser.add_argument("--train-limit", type=int, default=None)
-    parser.add_argument("--baseline-epochs", type=int, default=1)
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))  # baseline DataLoader
+    parser.add_argument("--compile", action="store_true", help="also run phase 5, train.compile")
+    parser.add_argument("--reference", action="store_true", help="also run phase 6, the reference path")
+    parser.add_argument("--deadline", type=float, default=float("inf"), help="seconds from the start")
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     args = parser.parse_args()
+    began = time.perf_counter()
+
+    def left() -> float:
+        return args.deadline - (time.perf_counter() - began)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     raw = {
         "data": {"url": args.archive, "md5": args.md5, "train_limit": args.train_limit},
         "augment": {"backend": "tensor"},
         "model": {"width": args.width},
-        "train": {"epochs": args.epochs, "peak_epoch": min(5, args.epochs - 1), "compile": args.compile},
+        "train": {"epochs": args.epochs, "peak_epoch": min(5, args.epochs - 1)},
     }
     params: Params = parse_params(raw)
+    results: dict = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "params": raw,
+        "skipped": {},
+    }
+
+    def save(phase: str, value) -> None:
+        results[phase] = value
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"[{time.perf_counter() - began:6.1f} s] {phase}: {json.dumps(value)[:400]}", flush=True)
+
+    def skip(phase: str, why: str) -> None:
+        results["skipped"][phase] = why
+        save("skipped", results["skipped"])
+
+    start = time.perf_counter()
     dataset = data.decode_archive(Path(args.archive), params.data)
-    results: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "params": raw}
+    save("decode_seconds", time.perf_counter() - start)
+    flop_per_image = bench.FLOP_PER_IMAGE * (args.width / 64) ** 2
+    peaks = {"datasheet": args.peak_tflops, "measured_matmul": matmul_tflops(device)}
+    save("peak_tflops", peaks)
 
     start = time.perf_counter()
     torch.manual_seed(params.train.seed)
@@ -66,48 +144,60 @@ def main() -> None:
     loader = batches.TrainLoader(dataset, params.augment, params.train.batch_size, device)
     curve = lr_finder.range_test(model, optimizer, loader.endless(seed=0), params.lr_finder, progress=False)
     found = lr_finder.pick_range(curve, params.lr_finder)
-    results["range_test"] = found.as_dict(curve, len(dataset.train.labels)) | {"seconds": time.perf_counter() - start}
-    print(f"range test: LRMIN {found.lr_min:.4g}, LRMAX {found.lr_max:.4g}", flush=True)
+    del model, optimizer, loader
+    save("range_test", found.as_dict(curve, len(dataset.train.labels)) | {"seconds": time.perf_counter() - start})
 
-    torch.manual_seed(params.train.seed)
-    model = CustomResNet(args.width)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    history = training.fit(model, dataset, params, found.lr_min, found.lr_max, device, progress=False)
-    fast_seconds = time.perf_counter() - start
-    images = len(dataset.train.labels) * args.epochs
-    achieved = images * bench.FLOP_PER_IMAGE * (args.width / 64) ** 2 / fast_seconds / 1e12
-    results["fast"] = {
-        "history": [dataclasses.asdict(r) for r in history],
-        "test_acc": history[-1].test_acc,
-        "seconds": fast_seconds,  # training and per-epoch evaluation, as the stage times it
-        "seconds_per_epoch": fast_seconds / args.epochs,
-        "achieved_tflops": achieved,
-        "model_flop_utilisation": achieved / args.peak_tflops,
-    }
+    save("fast", train_run(params, dataset, found, device, flop_per_image, peaks))
+    fast_epoch = results["fast"]["seconds_per_epoch"]
 
     # the plain baseline: same network, float32, NCHW, eager, per-image albumentations in a DataLoader
-    torch.manual_seed(params.train.seed)
-    plain = CustomResNet(args.width).to(device)
-    plain_opt = torch.optim.SGD(plain.parameters(), lr=found.lr_max, momentum=0.9, weight_decay=5e-4)
+    baseline = {}
     transform = augment.train_transform(params.augment, dataset.mean, dataset.std, seed=0)
     per_image = bench.PerImage(dataset.train.images, dataset.train.labels, transform)
-    plain_loader = torch.utils.data.DataLoader(per_image, batch_size=params.train.batch_size, shuffle=True)
-    start = time.perf_counter()
-    for _ in range(args.baseline_epochs):
-        bench.baseline_epoch(plain, plain_opt, plain_loader, device)
-    per_epoch = (time.perf_counter() - start) / args.baseline_epochs
-    results["baseline"] = {"seconds_per_epoch": per_epoch, f"seconds_for_{args.epochs}_epochs": per_epoch * args.epochs}
-    results["speedup"] = per_epoch / results["fast"]["seconds_per_epoch"]
+    for workers in sorted({0, args.workers}):
+        torch.manual_seed(params.train.seed)
+        plain = CustomResNet(args.width).to(device)
+        plain_opt = torch.optim.SGD(plain.parameters(), lr=found.lr_max, momentum=0.9, weight_decay=5e-4)
+        plain_loader = torch.utils.data.DataLoader(
+            per_image, batch_size=params.train.batch_size, shuffle=True, num_workers=workers
+        )
+        start = time.perf_counter()
+        bench.baseline_epoch(plain, plain_opt, plain_loader, device)  # one epoch, its warm-up included
+        per_epoch = time.perf_counter() - start
+        baseline[f"workers_{workers}"] = {
+            "seconds_per_epoch": per_epoch,
+            f"seconds_for_{args.epochs}_epochs": per_epoch * args.epochs,
+            "speedup_of_fast": per_epoch / fast_epoch,
+        }
+    save("baseline", baseline)
 
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    if args.compile:
+        estimate = 2 * results["fast"]["seconds"] + 120  # the compile's warm-up: about two minutes at most
+        if left() < estimate:
+            skip("fast_compiled", f"needs about {estimate:.0f} s, {left():.0f} s left")
+        else:
+            try:
+                compiled = dataclasses.replace(params, train=dataclasses.replace(params.train, compile=True))
+                save("fast_compiled", train_run(compiled, dataset, found, device, flop_per_image, peaks))
+            except Exception:  # a compiler failure is a finding to bring back, not a reason to lose the rest
+                skip("fast_compiled", traceback.format_exc()[-2000:])
+
+    if args.reference:
+        slowest = max(b["seconds_per_epoch"] for b in baseline.values())
+        estimate = 1.2 * slowest * args.epochs
+        if left() < estimate:
+            skip("reference", f"needs about {estimate:.0f} s, {left():.0f} s left")
+        else:
+            augment_ref = dataclasses.replace(params.augment, backend="albumentations")
+            train_ref = dataclasses.replace(params.train, precision="fp32", channels_last=False)
+            reference = dataclasses.replace(params, augment=augment_ref, train=train_ref)
+            save("reference", train_run(reference, dataset, found, device, flop_per_image, peaks))
+
     fast = results["fast"]
     print(
         f"fast path: {fast['test_acc']:.2f}% after {args.epochs} epochs in {fast['seconds']:.1f} s "
-        f"({fast['seconds_per_epoch']:.2f} s an epoch, {fast['achieved_tflops']:.1f} TFLOP/s, "
-        f"MFU {100 * fast['model_flop_utilisation']:.1f}%); baseline {per_epoch:.2f} s an epoch: "
-        f"{results['speedup']:.1f}x"
+        f"({fast['seconds_per_epoch']:.2f} s an epoch, {fast['achieved_tflops']:.1f} TFLOP/s); baseline "
+        + ", ".join(f"{k} {v['seconds_per_epoch']:.2f} s an epoch" for k, v in baseline.items())
     )
 
 
