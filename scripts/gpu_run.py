@@ -2,17 +2,23 @@
 machine has neither). Phases, most important first; each result is written to --out as soon as it exists:
 
     python scripts/gpu_run.py --archive cifar.tar.gz --md5 MD5 --out results.json [--width 64] [--epochs 24]
-        [--train-limit N] [--deadline SECONDS] [--compile] [--reference]
+        [--train-limit N] [--deadline SECONDS] [--variant NAME:KEY=VALUE,...] [--lr-max LR] [--compile]
+        [--reference] [--profile]
 
 1. `peak`: a bf16 matrix product (8192^3 on CUDA), the machine's measured ceiling for FLOP utilisation.
-2. `range_test`: the LR range test (params.yaml's lr_finder defaults) on the fast path's batches.
+2. `range_test`: the LR range test (params.yaml's lr_finder defaults) on the fast path's batches, and one more
+   sweep per --variant (lr_finder keys changed, e.g. `linear:step_mode=linear,pick=max_acc`); every curve is kept.
 3. `fast`: `training.fit` for --epochs on the fast path (tensor augmentation on the device, channels_last,
-   bf16 autocast on CUDA), eager: per-epoch history, test accuracy, wall time, model FLOP utilisation.
+   bf16 autocast on CUDA), eager, from the default sweep's range: per-epoch history, test accuracy, wall time,
+   model FLOP utilisation. Then the same from each variant's range that differs from those already trained,
+   and from each --lr-max (LRMIN = LRMAX / min_div), keyed by name in `fast_more`.
 4. `baseline`: the plain baseline (float32, NCHW, eager, per-image albumentations in a DataLoader), one epoch with
    no worker processes (as `make bench` times it) and one with --workers; seconds per epoch, scaled to --epochs.
 5. `fast_compiled` (--compile): phase 3 again with train.compile, the compile's warm-up included.
 6. `reference` (--reference): the whole --epochs with the reference path of `training.fit` (albumentations image
-   by image, float32, NCHW) and the same LR range, for accuracy parity.
+   by image, float32, NCHW) and the default range, for accuracy parity.
+7. `profile` (--profile): 20 steps of the fast path under torch.profiler; the kernels' table goes to
+   profile.txt beside --out.
 A phase is skipped, and says so, when its estimated time does not fit before --deadline (seconds from the start).
 FLOP: 2.28 GFLOP per training image (forward and backward) at width 64, scaled by width squared; utilisation
 is given against --peak-tflops (H200 dense bf16 datasheet: 989) and against the measured matrix product.
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import platform
@@ -32,12 +39,13 @@ import traceback
 from pathlib import Path
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402
 
 from onecycle import augment, batches, data, lr_finder, training  # noqa: E402
-from onecycle.config import Params, parse_params  # noqa: E402
+from onecycle.config import Params, flatten, parse_params  # noqa: E402
 from onecycle.model import CustomResNet  # noqa: E402
 
 
@@ -84,6 +92,47 @@ def train_run(params: Params, dataset: data.Dataset, found: lr_finder.LRRange, d
     }
 
 
+def sweep(params: Params, dataset: data.Dataset, device: torch.device) -> tuple[lr_finder.Curve, lr_finder.LRRange]:
+    """The lr_range_test stage's sweep and pick."""
+    torch.manual_seed(params.train.seed)
+    model = CustomResNet(params.model.width).to(device)
+    # as the lr_range_test stage: the momentum of the One Cycle's peak
+    optimizer = training.make_optimizer(model, params.train, params.lr_finder.start_lr, params.train.momentum[1])
+    loader = batches.TrainLoader(dataset, params.augment, params.train.batch_size, device)
+    curve = lr_finder.range_test(
+        model, optimizer, loader.endless(seed=params.train.seed), params.lr_finder, progress=False
+    )
+    return curve, lr_finder.pick_range(curve, params.lr_finder)
+
+
+def profile(params: Params, dataset: data.Dataset, device: torch.device, steps: int = 20) -> str:
+    """The kernels of `steps` fast-path training steps (after as many warm-up steps), by total device time."""
+    model = CustomResNet(params.model.width).to(device).to(memory_format=torch.channels_last)
+    optimizer = training.make_optimizer(model, params.train, 0.01)
+    options = training.StepOptions.of(params.train, device)
+    loader = batches.TrainLoader(dataset, params.augment, params.train.batch_size, device)
+    schedule = [(0.01, 0.9)] * steps
+
+    def run(epoch: int) -> None:
+        data = itertools.islice(loader.epoch(seed=0, epoch=epoch), steps)
+        training.train_one_epoch(
+            model, optimizer, data, schedule, first_step=0, epoch=epoch, steps=steps, options=options, progress=False
+        )
+        sync(device)
+
+    run(1)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        run(2)
+        seconds = time.perf_counter() - start
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70)
+    return f"{steps} steps of {params.train.batch_size} in {seconds:.4f} s (profiled)\n{table}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archive", required=True)
@@ -93,8 +142,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=24)
     parser.add_argument("--train-limit", type=int, default=None)
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))  # baseline DataLoader
+    parser.add_argument("--variant", action="append", default=[], help="NAME:KEY=VALUE,... of lr_finder")
+    parser.add_argument("--lr-max", type=float, action="append", default=[], help="also train from this LRMAX")
     parser.add_argument("--compile", action="store_true", help="also run phase 5, train.compile")
     parser.add_argument("--reference", action="store_true", help="also run phase 6, the reference path")
+    parser.add_argument("--profile", action="store_true", help="also run phase 7, the profile")
     parser.add_argument("--deadline", type=float, default=float("inf"), help="seconds from the start")
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     args = parser.parse_args()
@@ -111,6 +163,11 @@ def main() -> None:
         "train": {"epochs": args.epochs, "peak_epoch": min(5, args.epochs - 1)},
     }
     params: Params = parse_params(raw)
+    variants = {"default": params}
+    for spec in args.variant:  # parsed as params.yaml would be: a wrong key or value stops here
+        name, _, changes = spec.partition(":")
+        lr_raw = {k: yaml.safe_load(v) for k, v in (c.split("=", 1) for c in changes.split(",") if c)}
+        variants[name] = parse_params(raw | {"lr_finder": lr_raw})
     results: dict = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
@@ -123,7 +180,7 @@ def main() -> None:
     def save(phase: str, value) -> None:
         results[phase] = value
         args.out.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"[{time.perf_counter() - began:6.1f} s] {phase}: {json.dumps(value)[:400]}", flush=True)
+        print(f"[{time.perf_counter() - began:6.1f} s] {phase}: {json.dumps(value)[:300]}", flush=True)
 
     def skip(phase: str, why: str) -> None:
         results["skipped"][phase] = why
@@ -136,22 +193,25 @@ def main() -> None:
     peaks = {"datasheet": args.peak_tflops, "measured_matmul": matmul_tflops(device)}
     save("peak_tflops", peaks)
 
-    start = time.perf_counter()
-    torch.manual_seed(params.train.seed)
-    model = CustomResNet(args.width).to(device)
-    # as the lr_range_test stage: the momentum of the One Cycle's peak
-    optimizer = training.make_optimizer(model, params.train, params.lr_finder.start_lr, params.train.momentum[1])
-    loader = batches.TrainLoader(dataset, params.augment, params.train.batch_size, device)
-    curve = lr_finder.range_test(model, optimizer, loader.endless(seed=0), params.lr_finder, progress=False)
-    found = lr_finder.pick_range(curve, params.lr_finder)
-    del model, optimizer, loader
-    save("range_test", found.as_dict(curve, len(dataset.train.labels)) | {"seconds": time.perf_counter() - start})
+    ranges, sweeps = {}, {}
+    for name, variant in variants.items():
+        start = time.perf_counter()
+        curve, found = sweep(variant, dataset, device)
+        ranges[name] = found
+        sweeps[name] = found.as_dict(curve, len(dataset.train.labels)) | {
+            "lr_finder": {k: v for k, v in flatten(variant).items() if k.startswith("lr_finder.")},
+            "seconds": time.perf_counter() - start,
+            "curve": curve.rows(),
+        }
+        print(f"range test {name}: LRMIN {found.lr_min:.4g}, LRMAX {found.lr_max:.4g}", flush=True)
+    save("range_test", sweeps)
 
-    save("fast", train_run(params, dataset, found, device, flop_per_image, peaks))
+    save("fast", train_run(params, dataset, ranges["default"], device, flop_per_image, peaks))
     fast_epoch = results["fast"]["seconds_per_epoch"]
 
     # the plain baseline: same network, float32, NCHW, eager, per-image albumentations in a DataLoader
     baseline = {}
+    found = ranges["default"]
     transform = augment.train_transform(params.augment, dataset.mean, dataset.std, seed=0)
     per_image = bench.PerImage(dataset.train.images, dataset.train.labels, transform)
     for workers in sorted({0, args.workers}):
@@ -170,6 +230,26 @@ def main() -> None:
             "speedup_of_fast": per_epoch / fast_epoch,
         }
     save("baseline", baseline)
+
+    # more runs: each variant's range not yet trained (LRMAX within 5% counts as the same), then each --lr-max
+    more, trained = {}, [found.lr_max]
+    todo = [(name, r.lr_min, r.lr_max) for name, r in ranges.items() if name != "default"]
+    todo += [(f"lr_max_{lr:g}", lr / params.lr_finder.min_div, lr) for lr in args.lr_max]
+    for name, lr_min, lr_max in todo:
+        if any(abs(lr_max / done - 1) < 0.05 for done in trained):
+            continue
+        if left() < 1.2 * results["fast"]["seconds"]:
+            skip(f"fast_more/{name}", f"{left():.0f} s left")
+            continue
+        chosen = lr_finder.LRRange(lr_min, lr_max, "given", params.lr_finder.min_div, lr_max, float("nan"))
+        more[name] = train_run(params, dataset, chosen, device, flop_per_image, peaks) | {"lr_max": lr_max}
+        trained.append(lr_max)
+        save("fast_more", more)
+
+    if args.profile:
+        table = profile(params, dataset, device)
+        (args.out.parent / "profile.txt").write_text(table + "\n")
+        print(table, flush=True)
 
     if args.compile:
         estimate = 2 * results["fast"]["seconds"] + 120  # the compile's warm-up: about two minutes at most
@@ -199,6 +279,8 @@ def main() -> None:
         f"({fast['seconds_per_epoch']:.2f} s an epoch, {fast['achieved_tflops']:.1f} TFLOP/s); baseline "
         + ", ".join(f"{k} {v['seconds_per_epoch']:.2f} s an epoch" for k, v in baseline.items())
     )
+    for name, run in more.items():
+        print(f"from LRMAX {run['lr_max']:.4g} ({name}): {run['test_acc']:.2f}%")
 
 
 if __name__ == "__main__":
