@@ -46,6 +46,7 @@ import bench  # noqa: E402
 
 from onecycle import augment, batches, data, lr_finder, training  # noqa: E402
 from onecycle.config import Params, flatten, parse_params  # noqa: E402
+from onecycle.errors import UserError  # noqa: E402
 from onecycle.model import CustomResNet  # noqa: E402
 
 
@@ -196,7 +197,12 @@ def main() -> None:
     ranges, sweeps = {}, {}
     for name, variant in variants.items():
         start = time.perf_counter()
-        curve, found = sweep(variant, dataset, device)
+        try:
+            curve, found = sweep(variant, dataset, device)
+        except UserError as exc:  # a variant that finds no range is a finding, not the end of the run
+            sweeps[name] = {"error": str(exc)}
+            print(f"range test {name}: {exc}", flush=True)
+            continue
         ranges[name] = found
         sweeps[name] = found.as_dict(curve, len(dataset.train.labels)) | {
             "lr_finder": {k: v for k, v in flatten(variant).items() if k.startswith("lr_finder.")},
