@@ -153,7 +153,8 @@ class TrainParams:
     device: str = _param("auto", _pattern(r"auto|cpu|cuda(:\d+)?", "'auto', 'cpu', 'cuda' or 'cuda:N'"))
     precision: str = _param("auto", _choice("auto", "fp32", "bf16"))  # auto: bf16 autocast on CUDA, fp32 on CPU
     channels_last: bool = _param(True, _boolean())  # NHWC activations: faster convolutions on CPU and GPU
-    compile: bool = _param(False, _boolean())  # torch.compile the model (pays off on a GPU, costs a warm-up)
+    compile: bool = _param(False, _boolean())  # torch.compile the model (a warm-up; no faster on an H200)
+    cudnn_benchmark: bool = _param(True, _boolean())  # CUDA: time cuDNN's algorithms for each new shape first
 
 
 @dataclass(frozen=True)

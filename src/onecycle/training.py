@@ -250,7 +250,8 @@ def fit(
     if options.channels_last:
         model.to(memory_format=torch.channels_last)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest convolutions
+        # fixed input sizes: cuDNN may time its algorithms once per shape and keep the fastest
+        torch.backends.cudnn.benchmark = train.cudnn_benchmark
     optimizer = make_optimizer(model, train, lr_min)
     key = fingerprint(params, lr_min, lr_max)
     history: list[EpochRecord] = []
