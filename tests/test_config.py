@@ -88,6 +88,7 @@ BAD = [
     (edit("data.md5", "abc"), "data.md5 = 'abc' is not allowed: use 32 lowercase hex digits"),
     (edit("data.test_limit", 0), "data.test_limit = 0 is not allowed"),
     (edit("train.seed", -1), "train.seed = -1 is not allowed"),
+    (edit("train.cudnn_benchmark", "yes"), "train.cudnn_benchmark = 'yes' is not allowed: use true or false"),
 ]
 
 

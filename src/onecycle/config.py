@@ -154,7 +154,9 @@ class TrainParams:
     precision: str = _param("auto", _choice("auto", "fp32", "bf16"))  # auto: bf16 autocast on CUDA, fp32 on CPU
     channels_last: bool = _param(True, _boolean())  # NHWC activations: faster convolutions on CPU and GPU
     compile: bool = _param(False, _boolean())  # torch.compile the model (a warm-up; no faster on an H200)
-    cudnn_benchmark: bool = _param(True, _boolean())  # CUDA: time cuDNN's algorithms for each new shape first
+    # CUDA: time cuDNN's algorithms for each new shape first. Off: on an H200 the timing cost 9 s of a fresh
+    # process's first epoch and won nothing after it (README, Speed)
+    cudnn_benchmark: bool = _param(False, _boolean())
 
 
 @dataclass(frozen=True)

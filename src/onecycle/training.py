@@ -250,7 +250,7 @@ def fit(
     if options.channels_last:
         model.to(memory_format=torch.channels_last)
     if device.type == "cuda":
-        # fixed input sizes: cuDNN may time its algorithms once per shape and keep the fastest
+        # train.cudnn_benchmark: time cuDNN's algorithms once per input shape and keep the fastest
         torch.backends.cudnn.benchmark = train.cudnn_benchmark
     optimizer = make_optimizer(model, train, lr_min)
     key = fingerprint(params, lr_min, lr_max)
