@@ -109,6 +109,9 @@ def main() -> None:
                 k: round(v, 3) if isinstance(v, float) else v for k, v in result.items() if k != "test_acc_by_epoch"
             }
             print(f"{name}: {json.dumps(shown)[:600]}", flush=True)
+    failed = [name for name, result in results["settings"].items() if "error" in result]
+    if failed:  # the others' results are kept; the exit status says that not all of them ran
+        sys.exit(f"these settings failed: {', '.join(failed)} (their output is in the results)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,74 @@
+"""The device checks behind the README's H200 figures still run: scripts/gpu_run.py and scripts/gpu_fresh.py at
+tiny sizes on the CPU, as they were tested before a GPU was lent. A device session gets minutes, not the time
+to debug a script that rotted since."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def script(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / name), *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_gpu_run_writes_every_phase(tiny_archive, tmp_path):
+    archive, md5 = tiny_archive
+    out = tmp_path / "gpu_run.json"
+    done = script(
+        "gpu_run.py", "--archive", str(archive), "--md5", md5, "--out", str(out), "--width", "2", "--epochs", "3",
+        "--workers", "1", "--variant", "short:num_iter=20", "--variant", "never:start_lr=10,end_lr=20",
+        "--lr-max", "0.3", "--profile",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(out.read_text())
+    sweeps = results["range_test"]
+    assert sweeps["default"]["iterations"] == len(sweeps["default"]["curve"]) > 2
+    assert sweeps["short"]["lr_finder"]["lr_finder.num_iter"] == 20 and len(sweeps["short"]["curve"]) <= 20
+    assert "no range found" in sweeps["never"]["error"] or "never fell" in sweeps["never"]["error"]
+    fast = results["fast"]
+    assert [r["epoch"] for r in fast["history"]] == [1, 2, 3] and 0 <= fast["test_acc"] <= 100
+    assert fast["seconds"] > 0 and fast["achieved_tflops"] > 0
+    assert set(results["baseline"]) == {"workers_0", "workers_1"}
+    assert results["fast_more"]["lr_max_0.3"]["lr_max"] == 0.3
+    assert "steps of 512" in (tmp_path / "profile.txt").read_text()
+
+
+def test_gpu_fresh_trains_each_setting_in_its_own_process(tiny_archive, tmp_path):
+    archive, md5 = tiny_archive
+    out = tmp_path / "fresh.json"
+    common = ["--archive", str(archive), "--md5", md5, "--lr-max", "0.1", "--width", "2", "--epochs", "3"]
+    done = script("gpu_fresh.py", *common, "--out", str(out), "--setting", "a:", "--setting", "b:channels_last=false")
+    assert done.returncode == 0, done.stderr[-2000:]
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["b"]["train"]["channels_last"] is False
+    for result in settings.values():
+        assert len(result["test_acc_by_epoch"]) == 3 and result["process_seconds"] > result["fit_seconds"] > 0
+
+    # a wrong setting stops before any training, naming the key
+    bad = script("gpu_fresh.py", *common, "--setting", "x:cudnn_benchmark=maybe")
+    assert bad.returncode != 0 and "train.cudnn_benchmark = 'maybe' is not allowed" in bad.stderr
+
+
+def test_gpu_fresh_keeps_the_other_settings_when_one_fails(tiny_archive, tmp_path):
+    archive, md5 = tiny_archive
+    out = tmp_path / "fresh.json"
+    # train.device: cuda passes the params check but fails in its process on a machine without CUDA
+    failing = "cpu:" if torch.cuda.is_available() else "cuda:device=cuda"
+    done = script(
+        "gpu_fresh.py", "--archive", str(archive), "--md5", md5, "--lr-max", "0.1", "--width", "2", "--epochs", "3",
+        "--out", str(out), "--setting", failing, "--setting", "after:",
+    )  # fmt: skip
+    settings = json.loads(out.read_text())["settings"]
+    assert len(settings["after"]["test_acc_by_epoch"]) == 3  # the setting after the failure still ran
+    if not torch.cuda.is_available():
+        assert done.returncode != 0 and "these settings failed: cuda" in done.stderr
+        assert "CUDA" in settings["cuda"]["error"]
