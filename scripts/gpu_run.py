@@ -93,19 +93,6 @@ def train_run(params: Params, dataset: data.Dataset, found: lr_finder.LRRange, d
     }
 
 
-def sweep(params: Params, dataset: data.Dataset, device: torch.device) -> tuple[lr_finder.Curve, lr_finder.LRRange]:
-    """The lr_range_test stage's sweep and pick."""
-    torch.manual_seed(params.train.seed)
-    model = CustomResNet(params.model.width).to(device)
-    # as the lr_range_test stage: the momentum of the One Cycle's peak
-    optimizer = training.make_optimizer(model, params.train, params.lr_finder.start_lr, params.train.momentum[1])
-    loader = batches.TrainLoader(dataset, params.augment, params.train.batch_size, device)
-    curve = lr_finder.range_test(
-        model, optimizer, loader.endless(seed=params.train.seed), params.lr_finder, progress=False
-    )
-    return curve, lr_finder.pick_range(curve, params.lr_finder)
-
-
 def profile(params: Params, dataset: data.Dataset, device: torch.device, steps: int = 20) -> str:
     """The kernels of `steps` fast-path training steps (after as many warm-up steps), by total device time."""
     model = CustomResNet(params.model.width).to(device).to(memory_format=torch.channels_last)
@@ -198,7 +185,7 @@ def main() -> None:
     for name, variant in variants.items():
         start = time.perf_counter()
         try:
-            curve, found = sweep(variant, dataset, device)
+            curve, found = lr_finder.find_range(variant, dataset, device, progress=False)
         except UserError as exc:  # a variant that finds no range is a finding, not the end of the run
             sweeps[name] = {"error": str(exc)}
             print(f"range test {name}: {exc}", flush=True)

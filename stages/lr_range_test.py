@@ -3,13 +3,11 @@
 import argparse
 from pathlib import Path
 
-import torch
 from mlflow.entities import Metric
 
-from onecycle import batches, data, distributed, lr_finder, outputs, training
+from onecycle import data, distributed, lr_finder, outputs
 from onecycle.config import flatten, load_params
 from onecycle.errors import stage_main
-from onecycle.model import build_model
 from onecycle.tracking import Tracker
 
 
@@ -26,14 +24,7 @@ def main() -> None:
     dataset = data.load(args.data)
     device = distributed.resolve_device(params.train.device)
 
-    torch.manual_seed(params.train.seed)
-    model = build_model(params.model).to(device)
-    # momentum of the One Cycle's peak: the sweep looks for the LR that is safe at LRMAX
-    optimizer = training.make_optimizer(model, params.train, params.lr_finder.start_lr, params.train.momentum[1])
-    loader = batches.TrainLoader(dataset, params.augment, params.train.batch_size, device)
-    stream = loader.endless(seed=params.train.seed)
-    curve = lr_finder.range_test(model, optimizer, stream, params.lr_finder)
-    found = lr_finder.pick_range(curve, params.lr_finder)  # no range: a clear error, nothing written
+    curve, found = lr_finder.find_range(params, dataset, device)  # no range: a clear error, nothing written
     summary = found.as_dict(curve, len(dataset.train.labels))
 
     outputs.write_csv(args.curve, lr_finder.CSV_COLUMNS, curve.rows())

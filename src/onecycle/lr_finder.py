@@ -23,8 +23,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from onecycle.config import LRFinderParams
+from onecycle import batches, training
+from onecycle.config import LRFinderParams, Params
+from onecycle.data import Dataset
 from onecycle.errors import UserError
+from onecycle.model import build_model
 
 CSV_COLUMNS = ("iteration", "lr", "loss", "smoothed_loss", "accuracy", "smoothed_accuracy")
 
@@ -196,3 +199,17 @@ def read_range(path: Path) -> dict:
     if not 0 < found["lr_min"] < found["lr_max"] or not math.isfinite(found["lr_max"]):
         raise UserError(f"{path} holds no usable range (lr_min {found['lr_min']}, lr_max {found['lr_max']})")
     return found
+
+
+def find_range(
+    params: Params, dataset: Dataset, device: torch.device, *, progress: bool = True
+) -> tuple[Curve, LRRange]:
+    """The lr_range_test stage's work: a fresh model (seeded by train.seed) swept on the training batches as
+    training would see them, and LRMAX picked off the curve (UserError when it shows no range)."""
+    torch.manual_seed(params.train.seed)
+    model = build_model(params.model).to(device)
+    # momentum of the One Cycle's peak: the sweep looks for the LR that is safe at LRMAX
+    optimizer = training.make_optimizer(model, params.train, params.lr_finder.start_lr, params.train.momentum[1])
+    loader = batches.TrainLoader(dataset, params.augment, params.train.batch_size, device)
+    curve = range_test(model, optimizer, loader.endless(seed=params.train.seed), params.lr_finder, progress=progress)
+    return curve, pick_range(curve, params.lr_finder)
