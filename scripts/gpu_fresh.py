@@ -5,7 +5,8 @@
         [--setting NAME:KEY=VALUE,...]... [--epochs 24] [--width 64] [--train-limit N]
 
 The archive is decoded once into a data folder (`data.prepare`, as download_cifar does); then each --setting
-(train keys changed from the defaults, e.g. `nobench:cudnn_benchmark=false`) trains in its own Python process:
+(train keys changed from the defaults, e.g. `nobench:cudnn_benchmark=false`, and `lr_max=LR` for a range other
+than --lr-max's, so that one call can train a grid of LR ranges and settings) trains in its own Python process:
 `data.load`, the model, `training.fit` from LRMIN = LRMAX / 10 to --lr-max, as the stage does, without MLflow.
 Each process's wall time is measured from its start to its exit by this one. No setting: the defaults alone.
 Runs on a CPU too (small sizes), which is how it is tested.
@@ -82,10 +83,13 @@ def main() -> None:
         "model": {"width": args.width},
         "train": {"epochs": args.epochs, "peak_epoch": min(5, args.epochs - 1)},
     }
-    settings = {}
+    settings, lr_maxes = {}, {}
     for spec in args.setting or ["defaults:"]:
         name, _, changes = spec.partition(":")
         train = raw["train"] | {k: yaml.safe_load(v) for k, v in (c.split("=", 1) for c in changes.split(",") if c)}
+        lr_maxes[name] = train.pop("lr_max", args.lr_max)
+        if isinstance(lr_maxes[name], bool) or not isinstance(lr_maxes[name], int | float) or lr_maxes[name] <= 0:
+            sys.exit(f"--setting {name}: lr_max must be a positive number, got {lr_maxes[name]!r}")
         settings[name] = raw | {"train": train}
         parse_params(settings[name])  # a wrong key or value stops here, before any work
     results: dict = {"lr_max": args.lr_max, "settings": {}}
@@ -93,7 +97,7 @@ def main() -> None:
         folder = Path(tmp) / "cifar10"
         data.prepare(parse_params(raw).data, folder, progress=False)
         for name, setting in settings.items():
-            command = [sys.executable, __file__, "--child", "--lr-max", str(args.lr_max), "--data", str(folder)]
+            command = [sys.executable, __file__, "--child", "--lr-max", str(lr_maxes[name]), "--data", str(folder)]
             start = time.perf_counter()
             done = subprocess.run([*command, "--params", json.dumps(setting)], capture_output=True, text=True)
             wall = time.perf_counter() - start
@@ -102,7 +106,7 @@ def main() -> None:
                 result = {"error": (done.stdout + done.stderr)[-2000:]}
             else:
                 result = json.loads(lines[-1][len("RESULT ") :]) | {"process_seconds": wall}
-            results["settings"][name] = {"train": setting["train"]} | result
+            results["settings"][name] = {"train": setting["train"], "lr_max": lr_maxes[name]} | result
             if args.out:
                 args.out.write_text(json.dumps(results, indent=2) + "\n")
             shown = {

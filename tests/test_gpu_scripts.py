@@ -46,16 +46,21 @@ def test_gpu_fresh_trains_each_setting_in_its_own_process(tiny_archive, tmp_path
     archive, md5 = tiny_archive
     out = tmp_path / "fresh.json"
     common = ["--archive", str(archive), "--md5", md5, "--lr-max", "0.1", "--width", "2", "--epochs", "3"]
-    done = script("gpu_fresh.py", *common, "--out", str(out), "--setting", "a:", "--setting", "b:channels_last=false")
+    done = script(
+        "gpu_fresh.py", *common, "--out", str(out), "--setting", "a:", "--setting", "b:channels_last=false,lr_max=0.2"
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     settings = json.loads(out.read_text())["settings"]
     assert settings["b"]["train"]["channels_last"] is False
+    assert (settings["a"]["lr_max"], settings["b"]["lr_max"]) == (0.1, 0.2)  # a setting's own LR range wins
     for result in settings.values():
         assert len(result["test_acc_by_epoch"]) == 3 and result["process_seconds"] > result["fit_seconds"] > 0
 
     # a wrong setting stops before any training, naming the key
     bad = script("gpu_fresh.py", *common, "--setting", "x:cudnn_benchmark=maybe")
     assert bad.returncode != 0 and "train.cudnn_benchmark = 'maybe' is not allowed" in bad.stderr
+    bad = script("gpu_fresh.py", *common, "--setting", "y:lr_max=-0.1")
+    assert bad.returncode != 0 and "--setting y: lr_max must be a positive number, got -0.1" in bad.stderr
 
 
 def test_gpu_fresh_keeps_the_other_settings_when_one_fails(tiny_archive, tmp_path):
