@@ -5,8 +5,9 @@
         [--setting NAME:KEY=VALUE,...]... [--epochs 24] [--width 64] [--train-limit N]
 
 The archive is decoded once into a data folder (`data.prepare`, as download_cifar does); then each --setting
-(train keys changed from the defaults, e.g. `nobench:cudnn_benchmark=false`, and `lr_max=LR` for a range other
-than --lr-max's, so that one call can train a grid of LR ranges and settings) trains in its own Python process:
+(params changed from the defaults: train keys by name, e.g. `nobench:cudnn_benchmark=false`, other sections' as
+`augment.backend=tensor`, values in YAML, `momentum=[0.95, 0.8]`; and `lr_max=LR` for a range other than
+--lr-max's, so that one call trains a grid of LR ranges and recipes) trains in its own Python process:
 `data.load`, the model, `training.fit` from LRMIN = LRMAX / 10 to --lr-max, as the stage does, without MLflow.
 Each process's wall time is measured from its start to its exit by this one. No setting: the defaults alone.
 Runs on a CPU too (small sizes), which is how it is tested.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -86,12 +88,22 @@ def main() -> None:
     settings, lr_maxes = {}, {}
     for spec in args.setting or ["defaults:"]:
         name, _, changes = spec.partition(":")
-        train = raw["train"] | {k: yaml.safe_load(v) for k, v in (c.split("=", 1) for c in changes.split(",") if c)}
-        lr_maxes[name] = train.pop("lr_max", args.lr_max)
-        if isinstance(lr_maxes[name], bool) or not isinstance(lr_maxes[name], int | float) or lr_maxes[name] <= 0:
-            sys.exit(f"--setting {name}: lr_max must be a positive number, got {lr_maxes[name]!r}")
-        settings[name] = raw | {"train": train}
-        parse_params(settings[name])  # a wrong key or value stops here, before any work
+        setting = {section: dict(values) for section, values in raw.items()}
+        lr_maxes[name] = args.lr_max
+        for change in re.split(r",(?![^\[]*\])", changes):  # commas inside [...] belong to a list value
+            if not change:
+                continue
+            key, _, value = change.partition("=")
+            section, _, key = key.rpartition(".")
+            if (section, key) == ("", "lr_max"):
+                lr_maxes[name] = yaml.safe_load(value)
+            else:
+                setting.setdefault(section or "train", {})[key] = yaml.safe_load(value)
+        lr_max = lr_maxes[name]
+        if isinstance(lr_max, bool) or not isinstance(lr_max, int | float) or lr_max <= 0:
+            sys.exit(f"--setting {name}: lr_max must be a positive number, got {lr_max!r}")
+        settings[name] = setting
+        parse_params(setting)  # a wrong key or value stops here, before any work
     results: dict = {"lr_max": args.lr_max, "settings": {}}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "cifar10"
@@ -106,7 +118,8 @@ def main() -> None:
                 result = {"error": (done.stdout + done.stderr)[-2000:]}
             else:
                 result = json.loads(lines[-1][len("RESULT ") :]) | {"process_seconds": wall}
-            results["settings"][name] = {"train": setting["train"], "lr_max": lr_maxes[name]} | result
+            changed = {section: values for section, values in setting.items() if section != "data"}
+            results["settings"][name] = changed | {"lr_max": lr_maxes[name]} | result
             if args.out:
                 args.out.write_text(json.dumps(results, indent=2) + "\n")
             shown = {

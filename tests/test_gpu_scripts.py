@@ -46,12 +46,12 @@ def test_gpu_fresh_trains_each_setting_in_its_own_process(tiny_archive, tmp_path
     archive, md5 = tiny_archive
     out = tmp_path / "fresh.json"
     common = ["--archive", str(archive), "--md5", md5, "--lr-max", "0.1", "--width", "2", "--epochs", "3"]
-    done = script(
-        "gpu_fresh.py", *common, "--out", str(out), "--setting", "a:", "--setting", "b:channels_last=false,lr_max=0.2"
-    )  # fmt: skip
+    b = "b:channels_last=false,lr_max=0.2,momentum=[0.9, 0.8],augment.backend=tensor"
+    done = script("gpu_fresh.py", *common, "--out", str(out), "--setting", "a:", "--setting", b)
     assert done.returncode == 0, done.stderr[-2000:]
     settings = json.loads(out.read_text())["settings"]
-    assert settings["b"]["train"]["channels_last"] is False
+    assert settings["b"]["train"]["channels_last"] is False and settings["b"]["train"]["momentum"] == [0.9, 0.8]
+    assert settings["b"]["augment"] == {"backend": "tensor"} and "augment" not in settings["a"]
     assert (settings["a"]["lr_max"], settings["b"]["lr_max"]) == (0.1, 0.2)  # a setting's own LR range wins
     for result in settings.values():
         assert len(result["test_acc_by_epoch"]) == 3 and result["process_seconds"] > result["fit_seconds"] > 0
