@@ -52,6 +52,7 @@ def child(args: argparse.Namespace) -> None:
         "first_epoch_seconds": history[0].seconds,
         "median_epoch_seconds": epochs[len(epochs) // 2],
         "test_acc": history[-1].test_acc,
+        "train_acc": history[-1].train_acc,  # augmented, over the last epoch: how far from fitting the training set
         "test_acc_by_epoch": [r.test_acc for r in history],
     }
     print("RESULT " + json.dumps(result), flush=True)

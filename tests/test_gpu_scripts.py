@@ -55,6 +55,7 @@ def test_gpu_fresh_trains_each_setting_in_its_own_process(tiny_archive, tmp_path
     assert (settings["a"]["lr_max"], settings["b"]["lr_max"]) == (0.1, 0.2)  # a setting's own LR range wins
     for result in settings.values():
         assert len(result["test_acc_by_epoch"]) == 3 and result["process_seconds"] > result["fit_seconds"] > 0
+        assert 0 <= result["train_acc"] <= 100
 
     # a wrong setting stops before any training, naming the key
     bad = script("gpu_fresh.py", *common, "--setting", "x:cudnn_benchmark=maybe")
