@@ -1,6 +1,6 @@
-"""The device checks behind the README's H200 figures still run: scripts/gpu_run.py and scripts/gpu_fresh.py at
-tiny sizes on the CPU, as they were tested before a GPU was lent. A device session gets minutes, not the time
-to debug a script that rotted since."""
+"""The device checks behind the README's H200 figures still run: scripts/gpu_run.py, scripts/gpu_fresh.py and
+scripts/bench.py at tiny sizes on the CPU, as they were tested before a GPU was lent. A device session gets
+minutes, not the time to debug a script that rotted since."""
 
 from __future__ import annotations
 
@@ -78,3 +78,15 @@ def test_gpu_fresh_keeps_the_other_settings_when_one_fails(tiny_archive, tmp_pat
     if not torch.cuda.is_available():
         assert done.returncode != 0 and "these settings failed: cuda" in done.stderr
         assert "CUDA" in settings["cuda"]["error"]
+
+
+def test_bench_runs_without_the_repro_timing(tmp_path):
+    # as on a lent GPU machine, which has no DVC: every other figure is measured and written
+    out = tmp_path / "bench.json"
+    done = script("bench.py", "--out", str(out), "--width", "2", "--batch-size", "16", "--steps", "1", "--repeat", "1",
+                  "--no-repro")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert results["noop_repro_seconds"] is None and "not measured" in done.stdout
+    assert results["train_step"]["baseline_images_per_s"] > 0 and results["train_step"]["project_ratio"] > 0
+    assert results["augmentation"]["batched_ratio"] > 0 and results["range_test"]["planned_images"] == 96 * 512
