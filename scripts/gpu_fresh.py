@@ -97,11 +97,14 @@ def main() -> None:
             key, _, value = change.partition("=")
             section, _, key = key.rpartition(".")
             if (section, key) == ("", "lr_max"):
-                lr_maxes[name] = yaml.safe_load(value)
+                try:  # float, not YAML: YAML 1.1 reads 1e-3 (no dot) as a string
+                    lr_maxes[name] = float(value)
+                except ValueError:
+                    lr_maxes[name] = value
             else:
                 setting.setdefault(section or "train", {})[key] = yaml.safe_load(value)
         lr_max = lr_maxes[name]
-        if isinstance(lr_max, bool) or not isinstance(lr_max, int | float) or lr_max <= 0:
+        if not isinstance(lr_max, float) or not 0 < lr_max < float("inf"):
             sys.exit(f"--setting {name}: lr_max must be a positive number, got {lr_max!r}")
         settings[name] = setting
         parse_params(setting)  # a wrong key or value stops here, before any work

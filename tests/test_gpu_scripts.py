@@ -46,7 +46,7 @@ def test_gpu_fresh_trains_each_setting_in_its_own_process(tiny_archive, tmp_path
     archive, md5 = tiny_archive
     out = tmp_path / "fresh.json"
     common = ["--archive", str(archive), "--md5", md5, "--lr-max", "0.1", "--width", "2", "--epochs", "3"]
-    b = "b:channels_last=false,lr_max=0.2,momentum=[0.9, 0.8],augment.backend=tensor"
+    b = "b:channels_last=false,lr_max=2e-1,momentum=[0.9, 0.8],augment.backend=tensor"
     done = script("gpu_fresh.py", *common, "--out", str(out), "--setting", "a:", "--setting", b)
     assert done.returncode == 0, done.stderr[-2000:]
     settings = json.loads(out.read_text())["settings"]
@@ -60,8 +60,9 @@ def test_gpu_fresh_trains_each_setting_in_its_own_process(tiny_archive, tmp_path
     # a wrong setting stops before any training, naming the key
     bad = script("gpu_fresh.py", *common, "--setting", "x:cudnn_benchmark=maybe")
     assert bad.returncode != 0 and "train.cudnn_benchmark = 'maybe' is not allowed" in bad.stderr
-    bad = script("gpu_fresh.py", *common, "--setting", "y:lr_max=-0.1")
-    assert bad.returncode != 0 and "--setting y: lr_max must be a positive number, got -0.1" in bad.stderr
+    for value in ("-0.1", "fast"):
+        bad = script("gpu_fresh.py", *common, "--setting", f"y:lr_max={value}")
+        assert bad.returncode != 0 and "--setting y: lr_max must be a positive number, got" in bad.stderr
 
 
 def test_gpu_fresh_keeps_the_other_settings_when_one_fails(tiny_archive, tmp_path):
