@@ -8,9 +8,9 @@ The archive is decoded once into a data folder (`data.prepare`, as download_cifa
 (params changed from the defaults: train keys by name, e.g. `nobench:cudnn_benchmark=false`, other sections' as
 `augment.backend=tensor`, values in YAML, `momentum=[0.95, 0.8]`; and `lr_max=LR` for a range other than
 --lr-max's, so that one call trains a grid of LR ranges and recipes) trains in its own Python process:
-`data.load`, the model, `training.fit` from LRMIN = LRMAX / 10 to --lr-max, as the stage does, without MLflow.
-Each process's wall time is measured from its start to its exit by this one. No setting: the defaults alone.
-Runs on a CPU too (small sizes), which is how it is tested.
+`data.load`, the model, `training.fit` from LRMIN = LRMAX / lr_finder.min_div to LRMAX, as the stage does,
+without MLflow. Each process's wall time is measured from its start to its exit by this one. No setting: the
+defaults alone. Runs on a CPU too (small sizes), which is how it is tested.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ def child(args: argparse.Namespace) -> None:
     torch.manual_seed(params.train.seed)
     model = build_model(params.model)
     start = time.perf_counter()
-    history = training.fit(model, dataset, params, args.lr_max / 10, args.lr_max, device, progress=False)
+    lr_min = args.lr_max / params.lr_finder.min_div  # as the range test writes it; a setting may change min_div
+    history = training.fit(model, dataset, params, lr_min, args.lr_max, device, progress=False)
     seconds = time.perf_counter() - start
     epochs = sorted(r.seconds for r in history)
     result = {
