@@ -55,6 +55,8 @@ def child(args: argparse.Namespace) -> None:
         "test_acc": history[-1].test_acc,
         "train_acc": history[-1].train_acc,  # augmented, over the last epoch: how far from fitting the training set
         "test_acc_by_epoch": [r.test_acc for r in history],
+        # where a fresh process's time goes: fit_seconds less their sum is the set-up (data to the device, model)
+        "epoch_seconds": [r.seconds for r in history],
     }
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -127,8 +129,9 @@ def main() -> None:
             results["settings"][name] = changed | {"lr_max": lr_maxes[name]} | result
             if args.out:
                 args.out.write_text(json.dumps(results, indent=2) + "\n")
+            # the per-epoch lists stay in the JSON only
             shown = {
-                k: round(v, 3) if isinstance(v, float) else v for k, v in result.items() if k != "test_acc_by_epoch"
+                k: round(v, 3) if isinstance(v, float) else v for k, v in result.items() if not isinstance(v, list)
             }
             print(f"{name}: {json.dumps(shown)[:600]}", flush=True)
     failed = [name for name, result in results["settings"].items() if "error" in result]

@@ -56,6 +56,7 @@ def test_gpu_fresh_trains_each_setting_in_its_own_process(tiny_archive, tmp_path
     for result in settings.values():
         assert len(result["test_acc_by_epoch"]) == 3 and result["process_seconds"] > result["fit_seconds"] > 0
         assert 0 <= result["train_acc"] <= 100
+        assert len(result["epoch_seconds"]) == 3 and sum(result["epoch_seconds"]) <= result["fit_seconds"]
 
     # a wrong setting stops before any training, naming the key
     bad = script("gpu_fresh.py", *common, "--setting", "x:cudnn_benchmark=maybe")
