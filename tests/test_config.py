@@ -37,10 +37,23 @@ def test_params_are_frozen():
         Params().train.epochs = 3
 
 
-def test_numbers_written_like_1e_4_are_read_as_numbers():
-    raw = repo_params()
-    raw["lr_finder"]["start_lr"] = "1e-5"  # YAML 1.1 reads this as a string
-    assert parse_params(raw).lr_finder.start_lr == 1e-5
+def test_numbers_written_like_1e_4_are_read_as_numbers_and_quoted_numbers_are_refused(tmp_path):
+    text = (ROOT / "params.yaml").read_text()
+    # YAML 1.1 (PyYAML) reads 1e-5 and 2e-3, with no dot, as strings; DVC (YAML 1.2) and this project as numbers
+    edited = text.replace("start_lr: 1.0e-4", "start_lr: 1e-5").replace("weight_decay: 5.0e-4", "weight_decay: 2E+3")
+    assert edited.count("1e-5") == 1 and edited.count("2E+3") == 1
+    path = tmp_path / "params.yaml"
+    path.write_text(edited)
+    params = load_params(path)
+    assert (params.lr_finder.start_lr, params.train.weight_decay) == (1e-5, 2000.0)
+    # a quoted number is a string: refused, naming the key, like any other wrong type
+    path.write_text(text.replace("flip_p: 0.5", "flip_p: '0.5'"))
+    with pytest.raises(UserError, match=r"augment.flip_p = '0.5' is not allowed: use a number >= 0 and <= 1"):
+        load_params(path)
+
+
+def test_list_params_are_tracked_as_the_lists_params_yaml_has():
+    assert flatten(Params())["train.momentum"] == [0.95, 0.85]  # MLflow logs "[0.95, 0.85]", not a tuple's "(...)"
 
 
 def edit(path: str, value):

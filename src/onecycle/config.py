@@ -43,11 +43,8 @@ def _integer(lo: int, hi: int | None = None) -> Rule:
 
 def _number(lo: float, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False) -> Rule:
     def parse(v: Any) -> float:
-        if isinstance(v, bool):
-            raise ValueError
-        if isinstance(v, str):  # YAML 1.1 reads `1e-4` (no dot) as a string; accept it as the number it is
-            v = float(v)
-        if not isinstance(v, (int, float)) or not math.isfinite(v):
+        # a quoted '0.5' is a string, not a number: read_yaml already reads 1e-4 (no dot) as a number
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise ValueError
         v = float(v)
         if v < lo or (lo_open and v == lo) or (hi is not None and (v > hi or (hi_open and v == hi))):
@@ -222,10 +219,29 @@ def parse_params(raw: Any) -> Params:
     return params
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, but reading 1e-4 (an exponent, no dot) as a number, as YAML 1.2 and DVC do.
+
+    PyYAML follows YAML 1.1, where a float needs a dot (1.0e-4), so `weight_decay: 5e-4` would be a string.
+    """
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str) -> Any:
+    """YAML text -> Python values, numbers read as DVC reads them (`dvc exp run -S train.weight_decay=1e-3`)."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = read_yaml(path.read_text())
     except FileNotFoundError:
         raise UserError(f"no params file at {path}: run from the repository root, where params.yaml is") from None
     except yaml.YAMLError as exc:
@@ -234,9 +250,10 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 
 def flatten(params: Params) -> dict[str, Any]:
-    """{"train.epochs": 24, ...}: every param under its dotted name (for tracking)."""
+    """{"train.epochs": 24, ...}: every param under its dotted name (for tracking), lists as params.yaml has
+    them ([0.95, 0.85], not the tuple the dataclass holds)."""
     return {
-        f"{section}.{key}": value
+        f"{section}.{key}": list(value) if isinstance(value, tuple) else value
         for section, values in dataclasses.asdict(params).items()
         for key, value in values.items()
     }
