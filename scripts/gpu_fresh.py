@@ -2,7 +2,7 @@
 `dvc repro` of the training stage costs, its one-time warm-up (CUDA context, cuDNN autotuning) included.
 
     python scripts/gpu_fresh.py --archive cifar.tar.gz --md5 MD5 --lr-max 0.0105 --out fresh.json
-        [--setting NAME:KEY=VALUE,...]... [--epochs 24] [--width 64] [--train-limit N]
+        [--setting NAME:KEY=VALUE,...]... [--epochs 24] [--batch-size 512] [--width 64] [--train-limit N]
 
 The archive is decoded once into a data folder (`data.prepare`, as download_cifar does); then each --setting
 (params changed from the defaults: train keys by name, e.g. `nobench:cudnn_benchmark=false`, other sections' as
@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--lr-max", type=float, required=True)
     parser.add_argument("--setting", action="append", default=[], help="NAME:KEY=VALUE,... of train")
     parser.add_argument("--epochs", type=int, default=24)
+    parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--train-limit", type=int, default=None)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -79,15 +80,13 @@ def main() -> None:
         child(args)
         return
 
-    import yaml  # noqa: PLC0415
-
     from onecycle import data  # noqa: PLC0415
-    from onecycle.config import parse_params  # noqa: PLC0415
+    from onecycle.config import parse_params, read_yaml  # noqa: PLC0415
 
     raw = {
         "data": {"url": args.archive, "md5": args.md5, "train_limit": args.train_limit},
         "model": {"width": args.width},
-        "train": {"epochs": args.epochs, "peak_epoch": min(5, args.epochs - 1)},
+        "train": {"epochs": args.epochs, "peak_epoch": min(5, args.epochs - 1), "batch_size": args.batch_size},
     }
     settings, lr_maxes = {}, {}
     for spec in args.setting or ["defaults:"]:
@@ -100,12 +99,12 @@ def main() -> None:
             key, _, value = change.partition("=")
             section, _, key = key.rpartition(".")
             if (section, key) == ("", "lr_max"):
-                try:  # float, not YAML: YAML 1.1 reads 1e-3 (no dot) as a string
+                try:
                     lr_maxes[name] = float(value)
                 except ValueError:
                     lr_maxes[name] = value
             else:
-                setting.setdefault(section or "train", {})[key] = yaml.safe_load(value)
+                setting.setdefault(section or "train", {})[key] = read_yaml(value)
         lr_max = lr_maxes[name]
         if not isinstance(lr_max, float) or not 0 < lr_max < float("inf"):
             sys.exit(f"--setting {name}: lr_max must be a positive number, got {lr_max!r}")

@@ -2,8 +2,8 @@
 machine has neither). Phases, most important first; each result is written to --out as soon as it exists:
 
     python scripts/gpu_run.py --archive cifar.tar.gz --md5 MD5 --out results.json [--width 64] [--epochs 24]
-        [--train-limit N] [--deadline SECONDS] [--variant NAME:KEY=VALUE,...] [--lr-max LR] [--compile]
-        [--reference] [--profile]
+        [--batch-size 512] [--train-limit N] [--deadline SECONDS] [--variant NAME:KEY=VALUE,...] [--lr-max LR]
+        [--compile] [--reference] [--profile]
 
 1. `peak`: a bf16 matrix product (8192^3 on CUDA), the machine's measured ceiling for FLOP utilisation.
 2. `range_test`: the LR range test (params.yaml's lr_finder defaults) on the fast path's batches, and one more
@@ -39,13 +39,12 @@ import traceback
 from pathlib import Path
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402
 
 from onecycle import augment, batches, data, lr_finder, training  # noqa: E402
-from onecycle.config import Params, flatten, parse_params  # noqa: E402
+from onecycle.config import Params, flatten, parse_params, read_yaml  # noqa: E402
 from onecycle.errors import UserError  # noqa: E402
 from onecycle.model import CustomResNet  # noqa: E402
 
@@ -128,6 +127,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=24)
+    parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--train-limit", type=int, default=None)
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))  # baseline DataLoader
     parser.add_argument("--variant", action="append", default=[], help="NAME:KEY=VALUE,... of lr_finder")
@@ -148,13 +148,13 @@ def main() -> None:
         "data": {"url": args.archive, "md5": args.md5, "train_limit": args.train_limit},
         "augment": {"backend": "tensor"},
         "model": {"width": args.width},
-        "train": {"epochs": args.epochs, "peak_epoch": min(5, args.epochs - 1)},
+        "train": {"epochs": args.epochs, "peak_epoch": min(5, args.epochs - 1), "batch_size": args.batch_size},
     }
     params: Params = parse_params(raw)
     variants = {"default": params}
     for spec in args.variant:  # parsed as params.yaml would be: a wrong key or value stops here
         name, _, changes = spec.partition(":")
-        lr_raw = {k: yaml.safe_load(v) for k, v in (c.split("=", 1) for c in changes.split(",") if c)}
+        lr_raw = {k: read_yaml(v) for k, v in (c.split("=", 1) for c in changes.split(",") if c)}
         variants[name] = parse_params(raw | {"lr_finder": lr_raw})
     results: dict = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",

@@ -43,6 +43,7 @@ def train(args: argparse.Namespace, params: Params, group: distributed.Group, de
     found = distributed.share(found, group)  # rank 0's range on every process
     lr_min, lr_max = found["lr_min"], found["lr_max"]
     dataset = data.load(args.data)
+    training.check_fits(params.train, len(dataset.train.labels), group.world)  # before an MLflow run is opened
     if group.is_main:
         print(
             f"training on {device} x {group.world}: {len(dataset.train.labels)} images, "

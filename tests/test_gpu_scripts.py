@@ -25,6 +25,7 @@ def test_gpu_run_writes_every_phase(tiny_archive, tmp_path):
     out = tmp_path / "gpu_run.json"
     done = script(
         "gpu_run.py", "--archive", str(archive), "--md5", md5, "--out", str(out), "--width", "2", "--epochs", "3",
+        "--batch-size", "32",
         "--workers", "1", "--variant", "short:num_iter=20", "--variant", "never:start_lr=10,end_lr=20",
         "--lr-max", "0.3", "--profile",
     )  # fmt: skip
@@ -39,13 +40,26 @@ def test_gpu_run_writes_every_phase(tiny_archive, tmp_path):
     assert fast["seconds"] > 0 and fast["achieved_tflops"] > 0
     assert set(results["baseline"]) == {"workers_0", "workers_1"}
     assert results["fast_more"]["lr_max_0.3"]["lr_max"] == 0.3
-    assert "steps of 512" in (tmp_path / "profile.txt").read_text()
+    assert "steps of 32" in (tmp_path / "profile.txt").read_text()  # --batch-size
 
 
 def test_gpu_fresh_trains_each_setting_in_its_own_process(tiny_archive, tmp_path):
     archive, md5 = tiny_archive
     out = tmp_path / "fresh.json"
-    common = ["--archive", str(archive), "--md5", md5, "--lr-max", "0.1", "--width", "2", "--epochs", "3"]
+    common = [
+        "--archive",
+        str(archive),
+        "--md5",
+        md5,
+        "--lr-max",
+        "0.1",
+        "--width",
+        "2",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "32",
+    ]
     b = "b:channels_last=false,lr_max=2e-1,momentum=[0.9, 0.8],augment.backend=tensor"
     done = script("gpu_fresh.py", *common, "--out", str(out), "--setting", "a:", "--setting", b)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -73,6 +87,7 @@ def test_gpu_fresh_keeps_the_other_settings_when_one_fails(tiny_archive, tmp_pat
     failing = "cpu:" if torch.cuda.is_available() else "cuda:device=cuda"
     done = script(
         "gpu_fresh.py", "--archive", str(archive), "--md5", md5, "--lr-max", "0.1", "--width", "2", "--epochs", "3",
+        "--batch-size", "32",
         "--out", str(out), "--setting", failing, "--setting", "after:",
     )  # fmt: skip
     settings = json.loads(out.read_text())["settings"]

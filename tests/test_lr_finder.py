@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from onecycle.config import LRFinderParams
+from onecycle import data, lr_finder
+from onecycle.config import LRFinderParams, parse_params
 from onecycle.errors import UserError
 from onecycle.lr_finder import Curve, pick_range, range_test, sweep_lr
 from onecycle.model import CustomResNet
@@ -156,3 +157,11 @@ def test_model_and_optimizer_come_back_bit_for_bit():
     for key, buffer in before_buffers.items():
         assert torch.equal(state["state"][key]["momentum_buffer"], buffer)
     assert not model.training, "train/eval mode restored"
+
+
+def test_the_range_test_stops_before_its_sweep_when_training_could_not_use_the_batch_size(small_archive):
+    path, md5 = small_archive
+    params = parse_params({"data": {"url": str(path), "md5": md5}, "model": {"width": 2}, "train": {"batch_size": 700}})
+    dataset = data.decode_archive(path, params.data)  # 600 training images
+    with pytest.raises(UserError, match="train.batch_size = 700 is more than the 600 training images"):
+        lr_finder.find_range(params, dataset, torch.device("cpu"), progress=False)

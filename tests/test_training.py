@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from onecycle import data, training
 from onecycle.config import DataParams, Params, parse_params
+from onecycle.errors import UserError
 from onecycle.model import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,6 +147,36 @@ def test_a_diverging_loss_stops_at_once_and_keeps_earlier_outputs(workspace):
     assert (out / "model.pt").read_bytes() == b"the earlier model"
     assert (out / "history.csv").read_text() == "the earlier history\n"
     assert not (out / "metrics.json").exists()
+
+
+def test_a_batch_larger_than_the_training_set_stops_before_an_mlflow_run_is_opened(workspace):
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["train"]["batch_size"] = 5000
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    failed = run(workspace, "out")
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    last = failed.stderr.strip().splitlines()[-1]
+    assert "train.batch_size = 5000 is more than the 600 training images" in last
+    assert "lower train.batch_size, or raise data.train_limit" in last
+    assert not (workspace / "out").exists(), "nothing was trained or written"
+    client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert runs == [], "no failed run was left in the tracking store"
+
+
+@pytest.mark.parametrize(
+    "train, images, world, message",
+    [
+        ({"batch_size": 601}, 600, 1, "train.batch_size = 601 is more than the 600 training images"),
+        ({"batch_size": 600}, 600, 1, "600 images in batches of 600: the LR needs at least 2 steps to rise"),
+        ({"batch_size": 299}, 600, 3, "train.batch_size = 299 leaves a batch of 2 images, fewer than the 3 processes"),
+    ],
+)
+def test_a_run_that_cannot_train_on_its_data_names_the_param_to_change(train, images, world, message):
+    params = parse_params({"train": {"epochs": 3, "peak_epoch": 1, **train}})
+    with pytest.raises(UserError, match=message):
+        training.check_fits(params.train, images, world)
+    training.check_fits(params.train, images * 2, 1)  # twice the images: it fits
 
 
 def test_an_unreachable_tracking_server_stops_before_training(workspace):

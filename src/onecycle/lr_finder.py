@@ -206,6 +206,8 @@ def find_range(
 ) -> tuple[Curve, LRRange]:
     """The lr_range_test stage's work: a fresh model (seeded by train.seed) swept on the training batches as
     training would see them, and LRMAX picked off the curve (UserError when it shows no range)."""
+    # a batch size or peak epoch that training could not use stops here, before the sweep's work
+    training.check_fits(params.train, len(dataset.train.labels))
     torch.manual_seed(params.train.seed)
     model = build_model(params.model).to(device)
     # momentum of the One Cycle's peak: the sweep looks for the LR that is safe at LRMAX

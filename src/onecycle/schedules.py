@@ -109,7 +109,7 @@ def one_cycle_peak_step(epochs: int, peak_epoch: int, steps_per_epoch: int) -> i
     if peak_step < 1:
         raise ValueError(
             f"the LR needs at least 2 steps to rise, but peak_epoch={peak_epoch} x {steps_per_epoch} step(s) "
-            "per epoch gives 1: use a later peak_epoch, or more images per epoch"
+            "per epoch gives 1: use a later peak_epoch, or more steps per epoch (more images, or smaller batches)"
         )
     return peak_step
 

@@ -209,6 +209,29 @@ class Checkpoint:
         return cls(**state)
 
 
+def check_fits(train: TrainParams, n_images: int, world: int = 1) -> None:
+    """Stop a run that cannot train on `n_images` training images, naming the param to change. The stages
+    call it before any work (the range test before its sweep, training before it opens an MLflow run)."""
+    if train.batch_size > n_images:
+        raise UserError(
+            f"train.batch_size = {train.batch_size} is more than the {n_images} training images, so every batch "
+            "would be the whole set: lower train.batch_size, or raise data.train_limit"
+        )
+    smallest_batch = n_images % train.batch_size or train.batch_size
+    if smallest_batch < world:
+        raise UserError(
+            f"train.batch_size = {train.batch_size} leaves a batch of {smallest_batch} images, fewer than the "
+            f"{world} processes: every process needs at least one image of every batch"
+        )
+    steps = schedules.steps_per_epoch(n_images, train.batch_size)
+    try:
+        schedules.one_cycle_peak_step(train.epochs, train.peak_epoch, steps)
+    except ValueError as exc:
+        raise UserError(
+            f"cannot build the One Cycle schedule from {n_images} images in batches of {train.batch_size}: {exc}"
+        ) from None
+
+
 def fit(
     model: torch.nn.Module,
     dataset: Dataset,
@@ -234,13 +257,8 @@ def fit(
     """
     train = params.train
     n_images = len(dataset.train.labels)
+    check_fits(train, n_images, group.world)
     steps = schedules.steps_per_epoch(n_images, train.batch_size)
-    smallest_batch = n_images % train.batch_size or train.batch_size
-    if min(smallest_batch, train.batch_size) < group.world:
-        raise UserError(
-            f"train.batch_size = {train.batch_size} leaves a batch of {smallest_batch} images, fewer than the "
-            f"{group.world} processes: every process needs at least one image of every batch"
-        )
     try:
         schedule = schedules.one_cycle_table(train, steps, lr_min, lr_max)
     except ValueError as exc:
