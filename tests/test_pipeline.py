@@ -111,6 +111,7 @@ def test_the_training_run_is_in_the_mlflow_store(repo):
     assert run.data.tags["mlflow.source.git.commit"] == head
     assert run.data.tags["data.md5"] == yaml.safe_load((repo / "params.yaml").read_text())["data"]["md5"]
     assert run.data.params["train.epochs"] == "2" and run.data.params["model.width"] == "4"
+    assert run.data.params["train.momentum"] == "[0.95, 0.85]"  # as params.yaml writes the list
     found = json.loads((repo / "reports/lr_range.json").read_text())
     assert float(run.data.params["lr_max"]) == found["lr_max"]
     for metric in ("lr", "momentum", "train_loss", "train_acc", "test_loss", "test_acc"):
@@ -130,6 +131,23 @@ def test_a_second_repro_does_nothing(repo):
     result = sh(repo, "dvc", "repro")
     assert ran(result) == []
     assert "Data and pipelines are up to date" in result.stdout
+
+
+def test_a_misspelt_section_stops_repro_with_its_name_and_costs_no_result(repo):
+    original = (repo / "params.yaml").read_text()
+    kept = ("models/model.pt", "reports/metrics.json", "reports/lr_range.json", "reports/plots/accuracy.png")
+    before = {name: (repo / name).read_bytes() for name in kept}
+    (repo / "params.yaml").write_text(original + "trian:\n  epochs: 5\n")
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    failed = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True)
+    (repo / "params.yaml").write_text(original)
+    assert failed.returncode != 0
+    assert "unknown section 'trian' (did you mean 'train'?)" in failed.stdout + failed.stderr
+    assert ran(failed) == ["plot_reports"]  # the one stage that tracks the whole file; nothing was retrained
+    # DVC removed the failed stage's plots before running it; the next repro brings back the same ones
+    sh(repo, "dvc", "repro")
+    assert {name: (repo / name).read_bytes() for name in kept} == before
 
 
 def test_changing_epochs_reruns_training_and_reports_only(repo):
