@@ -5,6 +5,7 @@ minutes, not the time to debug a script that rotted since."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +108,13 @@ def test_bench_runs_without_the_repro_timing(tmp_path):
     assert results["noop_repro_seconds"] is None and "not measured" in done.stdout
     assert results["train_step"]["baseline_images_per_s"] > 0 and results["train_step"]["project_ratio"] > 0
     assert results["augmentation"]["batched_ratio"] > 0 and results["range_test"]["planned_images"] == 96 * 512
+
+
+def test_device_check_says_how_to_call_it():
+    """scripts/device_check.sh: its two steps are named, and `run` needs the results folder before any work."""
+    script_path = str(ROOT / "scripts" / "device_check.sh")
+    usage = subprocess.run(["bash", script_path], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage: bash scripts/device_check.sh prepare|run" in usage.stderr
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    no_out = subprocess.run(["bash", script_path, "run"], capture_output=True, text=True, env=env)
+    assert no_out.returncode != 0 and "set OUT to the folder for the results" in no_out.stderr
