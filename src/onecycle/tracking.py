@@ -117,7 +117,9 @@ class Tracker:
         try:
             return self._call(fn)
         except Exception as exc:
-            reason = " ".join(str(exc).split())[:300]
+            reason = " ".join(str(exc).split())
+            if len(reason) > 300:  # the root cause (e.g. "Connection refused") ends MLflow's long messages
+                reason = f"{reason[:140]} ... {reason[-140:]}"
             print(f"warning: MLflow at {self.uri} did not take {what} ({reason}); carrying on without MLflow")
             self.lost.append(what)
             return None
@@ -145,13 +147,17 @@ class Tracker:
 
     def start_run(self, stage: str, params: Mapping[str, object], tags: Mapping[str, str], run_id: str | None = None):
         """A new run (or the run `run_id`, when it still exists: a resumed training)."""
+        exp_name = os.environ.get("DVC_EXP_NAME")
         if run_id:
             try:
-                self._call(lambda: self.client.get_run(run_id))
-                return run_id
+                run = self._call(lambda: self.client.get_run(run_id))
             except Exception:
                 print(f"MLflow run {run_id} of the checkpoint is gone from {self.uri}: starting a new run")
-        exp_name = os.environ.get("DVC_EXP_NAME")
+            else:
+                earlier = run.data.tags.get("dvc.exp_name")
+                if exp_name and earlier != exp_name:  # DVC names the rerun of a killed experiment afresh
+                    self._rename(run_id, exp_name, earlier)
+                return run_id
         all_tags = {"stage": stage, "mlflow.source.git.commit": git_commit(), **tags}
         if exp_name:
             all_tags["dvc.exp_name"] = exp_name
@@ -162,6 +168,12 @@ class Tracker:
         except Exception as exc:
             raise UserError(f"cannot start an MLflow run at {self.uri}: {' '.join(str(exc).split())[:300]}") from None
         return run.info.run_id
+
+    def _rename(self, run_id: str, exp_name: str, earlier: str | None) -> None:
+        """Name a resumed run after the DVC experiment that finished it, keeping the killed attempt's name."""
+        tags = {"dvc.exp_name": exp_name} | ({"dvc.exp_name.resumed_from": earlier} if earlier else {})
+        self.set_tags(run_id, tags)
+        self._try("the run's new name", lambda: self.client.update_run(run_id, name=exp_name))
 
     def log_metrics(self, run_id: str, step: int, values: Mapping[str, float], what: str | None = None) -> None:
         stamp = _now_ms()
