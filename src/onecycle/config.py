@@ -235,7 +235,7 @@ _Yaml12Loader.add_implicit_resolver(
 
 def read_yaml(text: str) -> Any:
     """YAML text -> Python values, numbers read as DVC reads them (`dvc exp run -S train.weight_decay=1e-3`)."""
-    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 (a SafeLoader subclass)
+    return yaml.load(text, Loader=_Yaml12Loader)  # safe: a SafeLoader subclass builds plain values only
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
