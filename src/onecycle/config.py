@@ -122,6 +122,9 @@ class AugmentParams:
 @dataclass(frozen=True)
 class ModelParams:
     width: int = _param(64, _integer(1, 1024))  # channels of the PrepLayer; doubled per layer
+    # the FC's logits are multiplied by this (David Page's ResNet-9: 0.125); no parameter changes, nor the
+    # predicted class: only the loss's temperature, and so the gradients' scale and the best LR
+    logit_scale: float = _param(1.0, _number(0.0, lo_open=True))
 
 
 @dataclass(frozen=True)
@@ -147,10 +150,22 @@ class TrainParams:
         (0.95, 0.85), _pair(_number(0.0, 1.0, hi_open=True), "a list of two numbers in [0, 1): [at LRMIN, at LRMAX]")
     )
     weight_decay: float = _param(5e-4, _number(0.0))
+    nesterov: bool = _param(False, _boolean())  # Nesterov momentum (needs both momentum values > 0)
+    # the training loss's label smoothing: the target puts this mass uniformly on all 10 classes (0 = none);
+    # the range test sweeps with the same loss. Test loss is always plain cross-entropy
+    label_smoothing: float = _param(0.0, _number(0.0, 1.0, hi_open=True))
+    # weight decay on BatchNorm weights and biases and on the FC bias too (false: only on conv and FC weights)
+    decay_bn_and_bias: bool = _param(True, _boolean())
+    # decay per optimizer step of an exponential moving average of the weights (and BN statistics), which is
+    # then evaluated, plotted and saved as the model; 0 = none. 0.99 averages over about 100 steps (one epoch)
+    ema_decay: float = _param(0.0, _number(0.0, 1.0, hi_open=True))
     device: str = _param("auto", _pattern(r"auto|cpu|cuda(:\d+)?", "'auto', 'cpu', 'cuda' or 'cuda:N'"))
     precision: str = _param("auto", _choice("auto", "fp32", "bf16"))  # auto: bf16 autocast on CUDA, fp32 on CPU
     channels_last: bool = _param(True, _boolean())  # NHWC activations: faster convolutions on CPU and GPU
     compile: bool = _param(False, _boolean())  # torch.compile the model (a warm-up; no faster on an H200)
+    # torch.compile's mode when train.compile is true: reduce-overhead captures CUDA graphs (fewer launches),
+    # max-autotune also times Triton kernels (a longer warm-up)
+    compile_mode: str = _param("default", _choice("default", "reduce-overhead", "max-autotune"))
     # CUDA: time cuDNN's algorithms for each new shape first. Off: on an H200 the timing cost 9 s of a fresh
     # process's first epoch and won nothing after it (README, Speed)
     cudnn_benchmark: bool = _param(False, _boolean())
@@ -202,6 +217,8 @@ def _check_together(p: Params) -> None:
         fail("augment.crop", p.augment.crop, f"an integer from {IMAGE_SIZE} to 32 + 2 * augment.pad")
     if p.augment.cutout > p.augment.crop:
         fail("augment.cutout", p.augment.cutout, f"an integer from 0 to augment.crop = {p.augment.crop}")
+    if p.train.nesterov and min(p.train.momentum) == 0:
+        fail("train.nesterov", True, "false, or train.momentum values > 0: Nesterov momentum needs a momentum")
 
 
 def parse_params(raw: Any) -> Params:

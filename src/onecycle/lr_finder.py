@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from onecycle import batches, training
@@ -91,9 +90,12 @@ def range_test(
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
     params: LRFinderParams,
     *,
+    options: training.StepOptions | None = None,
     progress: bool = True,
 ) -> Curve:
-    """Run the sweep on `model`, then put the model and optimizer back exactly as they were."""
+    """Run the sweep on `model`, each step's forward pass and loss as training runs them (`options`), then put
+    the model and optimizer back exactly as they were."""
+    options = options or training.StepOptions()
     model_state = copy.deepcopy(model.state_dict())
     optimizer_state = copy.deepcopy(optimizer.state_dict())
     was_training = model.training
@@ -109,8 +111,8 @@ def range_test(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = next(batches)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            logits = options.forward(model, x)
+            loss = options.loss(logits, y)
             value = loss.item()
             if not math.isfinite(value):
                 stop_reason = "non-finite loss"
@@ -209,9 +211,11 @@ def find_range(
     # a batch size or peak epoch that training could not use stops here, before the sweep's work
     training.check_fits(params.train, len(dataset.train.labels))
     torch.manual_seed(params.train.seed)
-    model = build_model(params.model).to(device)
+    options = training.StepOptions.of(params.train, device)  # precision, memory layout and loss of training
+    model = options.place(build_model(params.model), device)
     # momentum of the One Cycle's peak: the sweep looks for the LR that is safe at LRMAX
     optimizer = training.make_optimizer(model, params.train, params.lr_finder.start_lr, params.train.momentum[1])
     loader = batches.TrainLoader(dataset, params.augment, params.train.batch_size, device)
-    curve = range_test(model, optimizer, loader.endless(seed=params.train.seed), params.lr_finder, progress=progress)
+    sweep_batches = loader.endless(seed=params.train.seed)
+    curve = range_test(model, optimizer, sweep_batches, params.lr_finder, options=options, progress=progress)
     return curve, pick_range(curve, params.lr_finder)

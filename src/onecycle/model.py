@@ -5,7 +5,7 @@
     layer2  Conv3x3 -> MaxPool2d(2) -> BN -> ReLU                   4w    x  8 x  8
     layer3  X = Conv3x3 -> MaxPool2d(2) -> BN -> ReLU; X + Res(X)   8w    x  4 x  4
     pool    MaxPool2d(4)                                            8w    x  1 x  1
-    fc      Linear(8w -> 10)                                        10 logits
+    fc      Linear(8w -> 10)                                        10 logits (x model.logit_scale)
 
 where Res = (Conv3x3 -> BN -> ReLU) x 2 at the same width. With w = 64 (the default model.width) the
 channels are 64-128-256-512 and the model has 6,573,130 parameters.
@@ -72,11 +72,15 @@ class Layer(nn.Module):
 class CustomResNet(nn.Module):
     """The custom ResNet; `width` is the PrepLayer's channels, doubled by each of the three layers."""
 
-    def __init__(self, width: int = 64, num_classes: int = NUM_CLASSES) -> None:
+    def __init__(self, width: int = 64, num_classes: int = NUM_CLASSES, logit_scale: float = 1.0) -> None:
         super().__init__()
         if width < 1:
             raise ValueError(f"width must be a positive integer, got {width}")
+        if not logit_scale > 0:
+            raise ValueError(f"logit_scale must be > 0, got {logit_scale}")
         w = width
+        # a plain number, not a parameter or buffer: the state_dict and the parameter count stay the spec's
+        self.logit_scale = logit_scale
         self.prep = ConvBNReLU(3, w)  # RGB in
         self.layer1 = Layer(w, 2 * w, residual=True)
         self.layer2 = Layer(2 * w, 4 * w, residual=False)
@@ -94,10 +98,10 @@ class CustomResNet(nn.Module):
         x = torch.flatten(x, 1)  # (N, 8w)
         # Logits, not probabilities: the spec's softmax is applied by the loss, F.cross_entropy on logits
         # (= log-softmax + NLL, numerically stabler than a softmax layer followed by log); argmax of the logits
-        # is the predicted class.
-        return self.fc(x)  # (N, num_classes)
+        # is the predicted class. logit_scale > 0 changes the loss's temperature, never the argmax.
+        return self.fc(x) * self.logit_scale  # (N, num_classes)
 
 
 def build_model(params: ModelParams) -> CustomResNet:
-    """The model as params.yaml describes it (model.width)."""
-    return CustomResNet(width=params.width)
+    """The model as params.yaml describes it (model.width, model.logit_scale)."""
+    return CustomResNet(width=params.width, logit_scale=params.logit_scale)

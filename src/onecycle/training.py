@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from onecycle import batches, distributed, outputs, schedules
@@ -57,29 +58,50 @@ class Diverged(UserError):
 def make_optimizer(
     model: torch.nn.Module, params: TrainParams, lr: float, momentum: float | None = None
 ) -> torch.optim.SGD:
-    """SGD with train.weight_decay; momentum defaults to the One Cycle's start (momentum at LRMIN)."""
+    """SGD with train.weight_decay (and train.nesterov); momentum defaults to the One Cycle's start (momentum at
+    LRMIN). With train.decay_bn_and_bias false, the vectors (BatchNorm weights and biases, the FC bias) form a
+    second parameter group without weight decay."""
     momentum = params.momentum[0] if momentum is None else momentum
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=params.weight_decay)
+    groups: list[dict] = [{"params": list(model.parameters())}]
+    if not params.decay_bn_and_bias:
+        groups = [
+            {"params": [p for p in model.parameters() if p.ndim > 1]},  # conv kernels and the FC's matrix
+            {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0},
+        ]
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=params.weight_decay, nesterov=params.nesterov)
 
 
 @dataclass(frozen=True)
 class StepOptions:
-    """How each forward and backward pass runs (train.precision, train.channels_last, the device)."""
+    """How each forward and backward pass runs (train.precision, train.channels_last, the device) and the
+    training loss (train.label_smoothing)."""
 
     autocast: torch.dtype | None = None  # bf16 autocast on CUDA; None: float32
     channels_last: bool = False  # NHWC activations
     check_every_step: bool = True  # read the loss each step (free on the CPU); on CUDA only at the epoch's end
+    label_smoothing: float = 0.0  # of the training loss (the range test's too), not of the test loss
 
     @classmethod
     def of(cls, params: TrainParams, device: torch.device) -> StepOptions:
         bf16 = params.precision == "bf16" or (params.precision == "auto" and device.type == "cuda")
-        return cls(torch.bfloat16 if bf16 else None, params.channels_last, device.type != "cuda")
+        return cls(
+            torch.bfloat16 if bf16 else None, params.channels_last, device.type != "cuda", params.label_smoothing
+        )
+
+    def place(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """The model on `device`, in the memory layout the passes use."""
+        model.to(device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
     def forward(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(x.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
             return model(x).float()  # logits in float32: the loss and argmax are computed at full precision
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The training loss: mean cross-entropy per image, with the label smoothing of train.label_smoothing."""
+        return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
 
 
 def _diverged(value: float, epoch: int, step: int, batch_id: int, lr: float) -> Diverged:
@@ -101,9 +123,11 @@ def train_one_epoch(
     steps: int,
     options: StepOptions = StepOptions(),
     group: Group = SINGLE,
+    after_step: Callable[[], None] | None = None,
     progress: bool = True,
 ) -> tuple[float, int, int]:
-    """One pass over `data`, setting (lr, momentum) = schedule[step] before each optimizer step.
+    """One pass over `data`, setting (lr, momentum) = schedule[step] before each optimizer step, and calling
+    `after_step()` after it (the weights' moving average).
 
     Returns this process's (loss summed over images, correct, images). Raises Diverged at a non-finite loss,
     on every process at once (under torchrun the loss checked is the sum over processes). On CUDA the
@@ -121,7 +145,7 @@ def train_one_epoch(
         for param_group in optimizer.param_groups:
             param_group["lr"], param_group["momentum"] = lr, momentum
         logits = options.forward(model, x)
-        loss = F.cross_entropy(logits, y)
+        loss = options.loss(logits, y)
         if options.check_every_step:
             value = loss.item()
             if not math.isfinite(distributed.all_sum([value], group, device)[0]):
@@ -129,6 +153,8 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if after_step:
+            after_step()
         losses.append(loss.detach())
         sizes.append(len(y))
         correct += (logits.argmax(1) == y).sum()
@@ -186,6 +212,7 @@ class Checkpoint:
     optimizer: dict
     torch_rng: torch.Tensor
     run_id: str | None  # the MLflow run the epochs so far were logged to
+    ema: dict | None = None  # the weights' moving average (train.ema_decay > 0)
 
     def save(self, path: Path) -> None:
         state = dataclasses.asdict(self) | {"history": [dataclasses.asdict(r) for r in self.history]}
@@ -264,18 +291,23 @@ def fit(
     except ValueError as exc:
         raise UserError(f"cannot build the One Cycle schedule: {exc}") from None
     options = StepOptions.of(train, device)
-    model.to(device)
-    if options.channels_last:
-        model.to(memory_format=torch.channels_last)
+    options.place(model, device)
     if device.type == "cuda":
         # train.cudnn_benchmark: time cuDNN's algorithms once per input shape and keep the fastest
         torch.backends.cudnn.benchmark = train.cudnn_benchmark
     optimizer = make_optimizer(model, train, lr_min)
+    # train.ema_decay: a moving average of the weights and BN statistics, updated after every step; it is what
+    # each epoch evaluates, and its weights end up in `model`
+    ema = None
+    if train.ema_decay:
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(train.ema_decay), use_buffers=True)
     key = fingerprint(params, lr_min, lr_max)
     history: list[EpochRecord] = []
     if resume:
         model.load_state_dict(resume.model)
         optimizer.load_state_dict(resume.optimizer)
+        if ema and resume.ema:
+            ema.load_state_dict(resume.ema)
         torch.set_rng_state(resume.torch_rng)
         history = list(resume.history)
         if group.is_main:
@@ -285,7 +317,7 @@ def fit(
     if group.active:
         net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if train.compile:
-        net = torch.compile(net)
+        net = torch.compile(net, mode=train.compile_mode)
     loader = batches.TrainLoader(dataset, params.augment, train.batch_size, device)
 
     for epoch in range(len(history) + 1, train.epochs + 1):
@@ -294,12 +326,13 @@ def fit(
         first_step = (epoch - 1) * steps
         sums = train_one_epoch(
             net, optimizer, data, schedule, first_step=first_step, epoch=epoch, steps=steps, options=options,
-            group=group, progress=progress and group.is_main,
+            group=group, after_step=(lambda: ema.update_parameters(model)) if ema else None,
+            progress=progress and group.is_main,
         )  # fmt: skip
         loss_sum, correct_sum, seen = distributed.all_sum(list(sums), group, device)
         if group.is_main:
             test = batches.eval_batches(dataset.test, dataset.mean, dataset.std, train.batch_size, device)
-            test_loss, correct, total = evaluate(model, test, options)
+            test_loss, correct, total = evaluate(ema.module if ema else model, test, options)
             lr, momentum = schedule[first_step + steps - 1]
             seconds = time.perf_counter() - start
             train_loss, train_acc = loss_sum / seen, 100 * correct_sum / seen
@@ -310,6 +343,10 @@ def fit(
                 on_epoch(record)
             if checkpoint_path:
                 rng = torch.get_rng_state()
-                Checkpoint(key, history, model.state_dict(), optimizer.state_dict(), rng, run_id).save(checkpoint_path)
+                averaged = ema.state_dict() if ema else None
+                state = Checkpoint(key, history, model.state_dict(), optimizer.state_dict(), rng, run_id, averaged)
+                state.save(checkpoint_path)
     distributed.barrier(group)
+    if ema:  # the model that was evaluated is the one the caller saves and plots
+        model.load_state_dict(ema.module.state_dict())
     return history
