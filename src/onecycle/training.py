@@ -319,6 +319,7 @@ def fit(
     if train.compile:
         net = torch.compile(net, mode=train.compile_mode)
     loader = batches.TrainLoader(dataset, params.augment, train.batch_size, device)
+    test = batches.EvalSet(dataset.test, dataset.mean, dataset.std, device) if group.is_main else None
 
     for epoch in range(len(history) + 1, train.epochs + 1):
         start = time.perf_counter()
@@ -331,8 +332,8 @@ def fit(
         )  # fmt: skip
         loss_sum, correct_sum, seen = distributed.all_sum(list(sums), group, device)
         if group.is_main:
-            test = batches.eval_batches(dataset.test, dataset.mean, dataset.std, train.batch_size, device)
-            test_loss, correct, total = evaluate(ema.module if ema else model, test, options)
+            evaluated = ema.module if ema else model
+            test_loss, correct, total = evaluate(evaluated, test.batches(train.batch_size), options)
             lr, momentum = schedule[first_step + steps - 1]
             seconds = time.perf_counter() - start
             train_loss, train_acc = loss_sum / seen, 100 * correct_sum / seen
