@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,9 @@ from onecycle.config import LRFinderParams, parse_params
 from onecycle.errors import UserError
 from onecycle.lr_finder import Curve, pick_range, range_test, sweep_lr
 from onecycle.model import CustomResNet
+
+ROOT = Path(__file__).resolve().parents[1]
+CSV_COLUMNS_OF_CURVE = ("lr", "loss", "smoothed_loss", "accuracy", "smoothed_accuracy")
 
 
 def synthetic(lr: np.ndarray, loss: np.ndarray, accuracy: np.ndarray | None = None) -> Curve:
@@ -54,6 +59,89 @@ def test_max_acc_picks_the_highest_accuracy():
     accuracy = 60 - 30 * (np.log10(LRS) - np.log10(0.05)) ** 2
     found = pick_range(synthetic(LRS, bowl(LRS, 0.1), accuracy), LRFinderParams(pick="max_acc"))
     assert math.isclose(found.lr_max, LRS[np.argmax(accuracy)]) and 0.04 < found.lr_max < 0.06
+
+
+def bump(lr: np.ndarray, peak: float, width: float = 0.4) -> np.ndarray:
+    """A batch accuracy (percent) that rises from 10% to 50% at LR `peak` and falls back: a Gaussian of `width`
+    decades over log10(LR)."""
+    return 10 + 40 * np.exp(-0.5 * ((np.log10(lr) - np.log10(peak)) / width) ** 2)
+
+
+def acc_drop(lr: np.ndarray, accuracy: np.ndarray, **params) -> lr_finder.LRRange:
+    return pick_range(synthetic(lr, bowl(lr, 0.01), accuracy), LRFinderParams(pick="acc_drop", **params))
+
+
+def test_acc_drop_picks_where_the_smoothed_accuracy_has_lost_half_its_gain():
+    # smoothing a Gaussian bump by a Gaussian widens it to sqrt(0.4**2 + 0.15**2) decades; its half-maximum
+    # point above the 10% baseline is sqrt(2 ln 2) such widths past the peak
+    found = acc_drop(LRS, bump(LRS, 0.005), min_div=10)
+    expected = 0.005 * 10 ** (math.hypot(0.4, lr_finder.ACC_SMOOTH_DECADES) * math.sqrt(2 * math.log(2)))
+    assert found.lr_max == pytest.approx(expected, rel=0.02) and found.lr_max > 0.005
+    assert found.lr_min == pytest.approx(found.lr_max / 10) and found.note == ""
+
+
+def test_acc_drop_is_scale_free_in_lr_and_in_the_accuracy_units():
+    lr = np.geomspace(1e-4, 1.0, 96)
+    accuracy = bump(lr, 0.003) + np.random.default_rng(0).normal(0, 3, len(lr))  # a noisy batch accuracy
+    base = acc_drop(lr, accuracy).lr_max
+    # the same curve at 8x the LRs (a logit scale of 1/8 would move it so): the pick moves 8x, nothing else
+    assert acc_drop(lr * 8, accuracy).lr_max == pytest.approx(8 * base, rel=1e-9)
+    # accuracy as a fraction instead of percent, or offset: the same pick
+    assert acc_drop(lr, accuracy / 100 + 0.2).lr_max == pytest.approx(base, rel=1e-9)
+
+
+def test_acc_drop_moves_with_the_curve_by_less_than_a_step_where_min_loss_jumps_a_step():
+    lr = np.geomspace(1e-4, 1.0, 96)
+    step = np.log10(lr[1] / lr[0])
+    # the curve shifted by a third of a sweep step: the pick follows it by about a third of a step
+    a = acc_drop(lr, bump(lr, 0.01)).lr_max
+    b = acc_drop(lr, bump(lr, 0.01 * 10 ** (step / 3))).lr_max
+    assert np.log10(b / a) == pytest.approx(step / 3, rel=0.05)
+    # a loss whose bottom is flat: a rounding-sized difference moves min_loss a whole step, acc_drop not at all
+    flat = np.where(np.abs(np.log10(lr / 0.01)) < 0.2, 2.0, bowl(lr, 0.01))
+    accuracy = bump(lr, 0.01)
+    nudged = flat.copy()
+    nudged[np.argmin(flat) + 1] -= 1e-9
+    picks = [
+        pick_range(synthetic(lr, loss, accuracy * (1 + 1e-9 * k)), LRFinderParams(pick=rule)).lr_max
+        for rule in ("min_loss", "acc_drop")
+        for k, loss in enumerate((flat, nudged))
+    ]
+    assert picks[1] / picks[0] == pytest.approx(10**step)  # min_loss: one grid step apart
+    assert picks[3] == pytest.approx(picks[2], rel=1e-6)  # acc_drop: the same LR
+
+
+def test_acc_drop_falls_back_to_min_loss_when_the_accuracy_never_fell():
+    rising = 10 + 40 * (np.log10(LRS) + 4) / 4  # still climbing at the end of the sweep
+    found = acc_drop(LRS, rising)
+    assert math.isclose(found.lr_max, found.lr_at_min_loss) and math.isclose(found.lr_max, 0.01)
+    assert "raise lr_finder.end_lr" in found.note
+
+
+def saved_curve(rows: list[list[float]]) -> Curve:
+    _, lr, loss, smoothed, acc, smoothed_acc = (list(c) for c in zip(*rows, strict=True))
+    return Curve(lr, loss, smoothed, acc, smoothed_acc, "finished", 0)
+
+
+def test_acc_drop_lands_on_the_best_lrs_of_the_saved_h200_curve_where_min_loss_does_not():
+    # docs/lr-finder.md: at width 64 LRMAX 0.014 to 0.05 trained best (0.025: 88.38%); min_loss's 0.0105 gave 87.07%
+    run = json.loads((ROOT / "docs/results/h200_gpu_run.json").read_text())["range_test"]
+    for sweep in ("default", "max_acc", "exp192", "beta09"):  # 96 or 192 steps, smooth_beta 0.98 or 0.9
+        curve = saved_curve(run[sweep]["curve"])
+        assert 0.014 <= pick_range(curve, LRFinderParams(pick="acc_drop")).lr_max <= 0.05, sweep
+        assert pick_range(curve, LRFinderParams(pick="min_loss")).lr_max < 0.011, sweep
+
+
+def test_acc_drop_stays_on_the_width_16_plateau_in_avx2_and_avx512_sweeps_of_the_same_seed():
+    # float rounding alone parts the two trajectories where the network starts failing (LR 0.045 or 0.06):
+    # min_loss lands a grid step apart, acc_drop a factor 1.2 apart, both on the plateau of 0.0495 to 0.099
+    picks = {}
+    for name in ("w16", "w16_avx2"):
+        c = json.loads((ROOT / f"docs/results/lr_curves/{name}.json").read_text())["curve"]
+        curve = Curve(*(c[k] for k in CSV_COLUMNS_OF_CURVE), "finished", 0)
+        picks[name] = pick_range(curve, LRFinderParams(pick="acc_drop")).lr_max
+    assert all(0.0495 <= p <= 0.099 for p in picks.values()), picks
+    assert 1 / 1.3 < picks["w16"] / picks["w16_avx2"] < 1.3, picks
 
 
 def test_a_curve_that_never_descends_gives_a_clear_error():

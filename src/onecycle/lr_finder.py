@@ -60,6 +60,7 @@ class LRRange:
     min_div: float
     lr_at_min_loss: float  # LR where the smoothed loss was lowest
     min_smoothed_loss: float
+    note: str = ""  # why the rule gave this LRMAX, when it fell back to another rule
 
     def as_dict(self, curve: Curve, train_images: int) -> dict:
         return {
@@ -69,6 +70,7 @@ class LRRange:
             "min_div": self.min_div,
             "lr_at_min_loss": self.lr_at_min_loss,
             "min_smoothed_loss": self.min_smoothed_loss,
+            "note": self.note,
             "iterations": len(curve.lr),
             "stop_reason": curve.stop_reason,
             "images_seen": curve.images_seen,
@@ -143,6 +145,39 @@ def range_test(
     return Curve(lrs, losses, smoothed, accs, smoothed_accs, stop_reason, images)
 
 
+# Width of the Gaussian that smooths the batch accuracy over log10(LR), in decades (a factor 10**0.15 = 1.41
+# in LR either way). It has no lag, so the pick does not move with the sweep's length or smooth_beta, and it
+# is scale-free in LR. docs/lr-finder.md shows the picks for 0.1 and 0.2 too.
+ACC_SMOOTH_DECADES = 0.15
+
+PICKS = ("min_loss", "min_loss_div10", "steepest", "max_acc", "acc_drop")
+
+
+def smooth_over_log_lr(lr: np.ndarray, values: np.ndarray, decades: float) -> np.ndarray:
+    """`values` averaged with a Gaussian of `decades` standard deviation over log10(LR): centred, so no lag."""
+    x = np.log10(lr)
+    weights = np.exp(-0.5 * ((x[:, None] - x[None, :]) / decades) ** 2)
+    return weights @ values / weights.sum(axis=1)
+
+
+def accuracy_drop_lr(lr: np.ndarray, accuracy: np.ndarray, decades: float = ACC_SMOOTH_DECADES) -> float | None:
+    """The upper half-maximum point of the batch accuracy smoothed over log LR: the highest LR at which it
+    still held half of its gain from the start of the sweep to its peak (above it, it never does again). The
+    fresh network of the sweep is failing there, while the One Cycle reaches LRMAX with a network its warm-up
+    trained. Linear in log LR between the two steps around the crossing, so a small change of the curve moves
+    the pick a little, never a whole step. None when the accuracy never rose, or was still above half its gain
+    at the end of the sweep."""
+    smooth = smooth_over_log_lr(lr, accuracy, decades)
+    top = int(np.argmax(smooth))
+    level = (smooth[top] + smooth[0]) / 2
+    i = int(np.flatnonzero(smooth > level)[-1])  # the last step above half; it exists: smooth[top] > level
+    if top == 0 or i == len(lr) - 1:
+        return None
+    x0, x1 = np.log10(lr[i]), np.log10(lr[i + 1])
+    t = (smooth[i] - level) / (smooth[i] - smooth[i + 1])
+    return float(10 ** (x0 + t * (x1 - x0)))
+
+
 def pick_range(curve: Curve, params: LRFinderParams) -> LRRange:
     """LRMAX by the rule `params.pick`, LRMIN = LRMAX / min_div; UserError when the curve shows no range."""
     if not curve.lr:
@@ -162,7 +197,19 @@ def pick_range(curve: Curve, params: LRFinderParams) -> LRRange:
             f"the loss never fell in the LR range test: {seen}. Lower lr_finder.start_lr, "
             "or raise lr_finder.num_iter so that the sweep has room to descend"
         )
-    if params.pick == "min_loss":
+    note = ""
+    if params.pick == "acc_drop":
+        # docs/lr-finder.md: on the plateau of best test accuracy at widths 16 and 64, where min_loss was not
+        dropped = accuracy_drop_lr(lr, np.asarray(curve.accuracy))
+        if dropped is None:
+            lr_max = float(lr[best])
+            note = (
+                "acc_drop: the batch accuracy was still above half its gain when the sweep stopped (raise "
+                "lr_finder.end_lr to let it fall), or never rose, so LRMAX is min_loss's"
+            )
+        else:
+            lr_max = dropped
+    elif params.pick == "min_loss":
         # Smith's upper bound: the LR where the loss stops falling. The smoothing lags, so its lowest point
         # sits a little past the raw curve's: still below where the loss blows up.
         lr_max = float(lr[best])
@@ -188,6 +235,7 @@ def pick_range(curve: Curve, params: LRFinderParams) -> LRRange:
         min_div=params.min_div,
         lr_at_min_loss=float(lr[best]),
         min_smoothed_loss=float(loss[best]),
+        note=note,
     )
 
 

@@ -47,6 +47,7 @@ PICK_WORDS = {
     "min_loss_div10": "a tenth of the LR at the lowest loss",
     "steepest": "steepest fall of the loss",
     "max_acc": "highest accuracy",
+    "acc_drop": "where the batch accuracy has lost half its gain",
 }
 
 TRAIN_COLOR, TEST_COLOR = "tab:blue", "tab:orange"
