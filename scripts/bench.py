@@ -7,8 +7,10 @@
    eager, a torch DataLoader applying albumentations image by image), alternating, best of --repeat.
 2. Augmentation throughput: the tensor backend against albumentations per image (scripts/bench_augment.py).
 3. The LR range test's cost in training images against the reference's 20 epochs of 50,000.
-4. The wall time of a `dvc repro` that has nothing to do, on a tiny pipeline in a temporary git repository
-   (skipped, and said so, with --no-repro or where DVC is not installed, as on the GPU machines lent here).
+4. `dvc repro` of the whole pipeline at a tiny size (width 4, 200 images, 2 epochs) in a temporary git
+   repository: its wall time, each stage's process, DVC's own share, the part after the download stage, and a
+   `dvc repro` that has nothing to do (skipped, and said so, with --no-repro or where DVC is not installed).
+   scripts/device_pipeline.py times the real-size run on a GPU the same way.
 On CUDA it adds the steps' seconds per epoch of 50,000 images and the model FLOP utilisation against
 2.28 GFLOP per training image (forward + backward) and the GPU's bf16 peak (PEAK_TFLOPS in the environment).
 Prints a Markdown table and writes the figures to --out.
@@ -33,6 +35,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_augment  # noqa: E402
+import device_pipeline  # noqa: E402
 
 from onecycle import augment, batches, data, training  # noqa: E402
 from onecycle.config import AugmentParams, Params, TrainParams  # noqa: E402
@@ -149,17 +152,20 @@ def range_test_cost() -> dict:
     return result
 
 
-def noop_repro_seconds(repeat: int) -> float | None:
-    """Best wall time of `dvc repro` on an up-to-date tiny pipeline (a temporary git repo); None without DVC."""
+def repro_timing(repeat: int) -> dict | None:
+    """`dvc repro` of the whole pipeline at a tiny size in a temporary git repo, timed from outside, each stage's
+    process timed by a `python` shim (scripts/device_pipeline.py); then the best of `repeat` runs with nothing
+    to do. None without DVC."""
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("MLFLOW_TRACKING_URI", None)  # the temporary repo's own mlflow.db
     if shutil.which("dvc", path=env["PATH"]) is None:
         return None
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import cifar_members, write_archive
 
     with tempfile.TemporaryDirectory() as tmp:
-        repo = Path(tmp)
+        repo = Path(tmp) / "repo"
+        repo.mkdir()
         md5 = write_archive(repo / "cifar.tar.gz", cifar_members(train=200, test=50))
         for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
             shutil.copy(ROOT / name, repo / name)
@@ -171,18 +177,24 @@ def noop_repro_seconds(repeat: int) -> float | None:
         params["lr_finder"].update(num_iter=10, start_lr=1e-3)
         params["train"].update(epochs=2, peak_epoch=1, batch_size=64, device="cpu")
         (repo / "params.yaml").write_text(yaml.safe_dump(params))
+        times = Path(tmp) / "stage_times.txt"
+        env["PATH"] = f"{device_pipeline.stage_shim(Path(tmp) / 'shim', times)}{os.pathsep}{env['PATH']}"
+        # the copy's library, as in a clean checkout (ahead of any PYTHONPATH: carried packages on a device)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo / "src"), os.environ.get("PYTHONPATH")]))
 
-        def sh(*args: str) -> None:
+        def sh(*args: str) -> int:
             subprocess.run(args, cwd=repo, env=env, check=True, capture_output=True)
+            return 0
 
         sh("git", "init", "-q")
-        sh("dvc", "repro")
-        times = []
+        result = device_pipeline.timed_repro([], times, lambda command: sh(*command))
+        times_noop = []
         for _ in range(repeat):
             start = time.perf_counter()
             sh("dvc", "repro")
-            times.append(time.perf_counter() - start)
-        return min(times)
+            times_noop.append(time.perf_counter() - start)
+        sizes = {"train_images": 200, "test_images": 50, "model.width": 4, "train.epochs": 2, "lr_finder.num_iter": 10}
+        return result | {"sizes": sizes, "noop_seconds": min(times_noop)}
 
 
 def main() -> None:
@@ -199,13 +211,14 @@ def main() -> None:
     step = train_step_throughput(args.width, args.batch_size, args.steps, args.repeat, device)
     aug = bench_augment.measure(n_images=5000, repeat=3, threads=1, batch_size=512)
     cost = range_test_cost()
-    noop = None if args.no_repro else noop_repro_seconds(repeat=3)
+    repro = None if args.no_repro else repro_timing(repeat=3)
     results = {
         "device": str(device),
         "train_step": step,
         "augmentation": aug,
         "range_test": cost,
-        "noop_repro_seconds": noop,
+        "noop_repro_seconds": repro and repro["noop_seconds"],
+        "repro": repro,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
@@ -227,10 +240,17 @@ def main() -> None:
         f"| LR range test (training images) | {cost['reference_images']:,} | {cost['planned_images']:,} | "
         f"{cost['ratio']:.1f}x fewer |"
     )
-    if noop is None:
-        print("| `dvc repro` with nothing to do (s) | | not measured (--no-repro, or DVC is not installed) | |")
+    if repro is None:
+        print("| `dvc repro` (s) | | not measured (--no-repro, or DVC is not installed) | |")
     else:
-        print(f"| `dvc repro` with nothing to do (s) | | {noop:.2f} | |")
+        sizes = repro["sizes"]
+        tiny = f"width {sizes['model.width']}, {sizes['train_images']} images, {sizes['train.epochs']} epochs"
+        print(f"| `dvc repro`, whole pipeline at {tiny} (s) | | {repro['seconds']:.2f} | |")
+        for name, seconds in repro["stage_seconds"].items():
+            print(f"| - stage {name}, its process (s) | | {seconds:.2f} | |")
+        print(f"| - DVC's own share (s) | | {repro['dvc_seconds']:.2f} | |")
+        print(f"| - after the download stage (s) | | {repro['after_download_seconds']:.2f} | |")
+        print(f"| `dvc repro` with nothing to do (s) | | {repro['noop_seconds']:.2f} | |")
     if "seconds_per_epoch_of_50000" in step:
         print(f"| seconds per epoch of 50,000 | | {step['seconds_per_epoch_of_50000']:.2f} | |")
     print(f"wrote {args.out}")

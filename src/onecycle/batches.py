@@ -15,7 +15,6 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from onecycle import augment
 from onecycle.augment_tensor import TensorAugment, to_nchw
 from onecycle.config import AugmentParams
 from onecycle.data import Dataset, Split
@@ -61,6 +60,10 @@ class TrainLoader:
                 index = order_t[start : start + self.batch_size][rank::world]
                 yield self.augment(self.images[index], generator, padded=True), self.labels[index]
         else:
+            # imported here: albumentations and OpenCV take about 0.8 s to import, which the tensor backend
+            # (the GPU's) never needs, and every stage is a fresh process
+            from onecycle import augment
+
             transform = augment.train_transform(self.params, self.dataset.mean, self.dataset.std, seed=augment_seed)
             for start in range(0, len(order), self.batch_size):
                 index = order[start : start + self.batch_size][rank::world]

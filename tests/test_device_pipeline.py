@@ -1,0 +1,82 @@
+"""scripts/device_pipeline.py: the one device call that runs the real `dvc repro` and times it, tried at tiny size
+on the CPU with this environment's own DVC, MLflow and albumentations (no wheels)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "device_pipeline.py"
+STAGES = ["download_cifar", "lr_range_test", "train_one_cycle", "plot_reports"]
+
+
+def test_run_times_each_stage_of_the_real_pipeline(small_archive, tmp_path):
+    archive, md5 = small_archive
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env |= {
+        "OUT": str(tmp_path / "out"),
+        "WORK": str(tmp_path / "work"),
+        "WHEELS": str(tmp_path / "no-wheels"),  # none: this interpreter's own packages, as `make test` has them
+        "ARCHIVE": str(archive),
+        "WIDTH": "2",
+        "EPOCHS": "2",
+        "BATCH": "64",
+        "SET": "lr_finder.num_iter=10 lr_finder.start_lr=1.0e-3 train.peak_epoch=1 train.device=cpu",
+        "REPEAT": "0",
+        "BENCH": "0",  # make bench has its own tests
+    }
+    done = subprocess.run([sys.executable, str(SCRIPT), "run"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    record = json.loads((tmp_path / "out" / "h200-pipeline.json").read_text())
+
+    # the contract's keys (docs/results/h200-pipeline.json), from one real `dvc repro` of the four stages
+    assert list(record["stage_seconds"]) == STAGES and all(s > 0 for s in record["stage_seconds"].values())
+    assert sum(record["stage_seconds"].values()) < record["repro_seconds"]  # DVC's own share on top
+    download = record["stage_seconds"]["download_cifar"]
+    assert record["after_download_seconds"] <= record["repro_seconds"] - download
+    assert 0 < record["fit_seconds"] < record["stage_seconds"]["train_one_cycle"]
+    assert 0 <= record["test_acc"] <= 100
+    assert record["mfu"] > 0 and record["peak_tflops"]["datasheet"] == 989.0
+    assert record["device"].startswith("cpu") and re.fullmatch(r"[0-9a-f]{40}", record["commit"])
+    assert record["command"].endswith("python3 scripts/device_pipeline.py run") and "WIDTH=2" in record["command"]
+    assert record["params"]["model.width"] == 2 and record["train_images"] == 600
+    assert len(record["runs"]) == 1 and record["runs"][0]["exit_status"] == 0
+
+    # the stages logged to MLflow's SQLite store at the checkout's root (MLFLOW_TRACKING_URI unset)
+    assert "cifar10-one-cycle" in record["mlflow"]["experiments"] and record["mlflow"]["runs"] >= 2
+    assert record["mlflow"]["store"] == str(tmp_path / "work" / "repo" / "mlflow.db")
+    # a clean checkout with params.yaml pointed at the archive, and every stage's log kept
+    params = yaml.safe_load((tmp_path / "work" / "repo" / "params.yaml").read_text())
+    assert params["data"] == params["data"] | {"url": str(archive), "md5": md5}
+    log = (tmp_path / "out" / "pipeline.log").read_text()
+    assert all(f"Running stage '{name}'" in log for name in STAGES)
+
+
+def test_wheel_list_pins_one_version_each_as_pyproject_does():
+    pins = {}
+    for line in (ROOT / "scripts" / "device-wheels.txt").read_text().splitlines():
+        pin = line.partition("#")[0].strip()
+        if pin:
+            name, _, version = pin.partition("==")
+            key = re.sub(r"[-_.]+", "-", name.lower())
+            assert version and key not in pins, f"{pin}: one pinned version each"
+            pins[key] = version
+    wanted = dict(re.findall(r'"([\w.-]+)==([^"]+)"', (ROOT / "pyproject.toml").read_text()))
+    assert pins["dvc"] == wanted["dvc"] and pins["albumentations"] == wanted["albumentations"]
+    assert pins["mlflow-skinny"] == wanted["mlflow"]  # MLflow's Python package without the UI's JavaScript
+    assert "torch" not in pins and "numpy" not in pins  # the device's own
+
+
+def test_says_how_to_call_it():
+    usage = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True)
+    assert usage.returncode != 0 and "usage: python3 scripts/device_pipeline.py prepare|run" in usage.stderr
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    no_out = subprocess.run([sys.executable, str(SCRIPT), "run"], capture_output=True, text=True, env=env)
+    assert no_out.returncode != 0 and "set OUT to the folder for the results" in no_out.stderr
