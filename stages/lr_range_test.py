@@ -1,14 +1,32 @@
 """DVC stage lr_range_test: sweep the LR, pick LRMAX (and LRMIN = LRMAX / min_div), log the curve to MLflow."""
 
 import argparse
+import os
 from pathlib import Path
 
 from mlflow.entities import Metric
 
 from onecycle import data, distributed, lr_finder, outputs
-from onecycle.config import flatten, load_params
+from onecycle.config import Params, flatten, load_params
 from onecycle.errors import stage_main
-from onecycle.tracking import Tracker
+from onecycle.tracking import EXPERIMENT, RANGE_EXPERIMENT, Tracker
+
+
+def describe(params: Params, found: lr_finder.LRRange, summary: dict, exp_name: str | None) -> str:
+    """The range-test run's description in MLflow (markdown): its headline, the found range."""
+    sweep = params.lr_finder
+    return "\n".join(
+        [
+            f"**LR range {found.lr_min:.4g} - {found.lr_max:.4g}** (LRMAX by {found.pick}, LRMIN = LRMAX / "
+            f"{found.min_div:g}; lowest smoothed loss at LR {found.lr_at_min_loss:.4g})",
+            "",
+            f"- sweep: {summary['iterations']} steps, {sweep.step_mode} from {sweep.start_lr:g} to {sweep.end_lr:g}, "
+            f"{summary['stop_reason']}; {summary['epochs_of_training_set']:.2f} epochs of the training set",
+            f"- model width {params.model.width}, batch {params.train.batch_size}, seed {params.train.seed}",
+            f"- DVC experiment: `{exp_name}`" if exp_name else "- DVC experiment: none (`dvc repro` in the workspace)",
+            f"- the training runs that use the range are in the experiment `{EXPERIMENT}`",
+        ]
+    )
 
 
 @stage_main
@@ -20,7 +38,9 @@ def main() -> None:
     parser.add_argument("--curve", type=Path, required=True, help="CSV to write: one row per sweep step")
     args = parser.parse_args()
     params = load_params(args.params)
-    tracker = Tracker()  # an unreachable tracking server stops the stage here, before the sweep
+    tracker = Tracker(
+        experiment=RANGE_EXPERIMENT
+    )  # an unreachable tracking server stops the stage here, before the sweep
     dataset = data.load(args.data)
     device = distributed.resolve_device(params.train.device)
 
@@ -40,18 +60,22 @@ def main() -> None:
         {k: v for k, v in flatten(params).items() if k.split(".")[0] in ("lr_finder", "model", "augment", "data")}
         | {"train.batch_size": params.train.batch_size, "train.seed": params.train.seed},
         {"data.md5": params.data.md5},
+        detail=f"range test · w{params.model.width} · {len(curve.lr)} steps · LRMAX {found.lr_max:.4g}",
+        note=describe(params, found, summary, os.environ.get("DVC_EXP_NAME")),
     )
+    # Keys of their own (range/...), in an experiment of their own: never on the training runs' charts.
     tracker.log_metric_rows(
         run_id,
         [
-            Metric(name, value, 0, step)
-            for step, lr, loss, smooth, acc, smooth_acc in curve.rows()
-            for name, value in (("lr", lr), ("loss", loss), ("smoothed_loss", smooth), ("accuracy", acc))
+            Metric(f"range/{name}", value, 0, step)
+            for step, *values in curve.rows()
+            for name, value in zip(lr_finder.CSV_COLUMNS[1:], values, strict=True)
         ],
     )
-    tracker.log_metrics(run_id, 0, {"lr_min": found.lr_min, "lr_max": found.lr_max})
+    tracker.log_metrics(run_id, 0, {"range/lr_min": found.lr_min, "range/lr_max": found.lr_max})
     tracker.log_artifacts(run_id, [args.range, args.curve])
     tracker.finish(run_id)
+    tracker.print_where()
 
 
 if __name__ == "__main__":

@@ -122,6 +122,7 @@ def main() -> None:
         return
     tracker.log_artifacts(run_id, [args.out / name for name in figures], "plots")
     print(f"logged the plots to MLflow run {run_id} (artifacts/plots)")
+    tracker.print_where()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ outputs and logs to MLflow.
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ from onecycle import data, distributed, lr_finder, outputs, training
 from onecycle.config import Params, flatten, load_params
 from onecycle.errors import stage_main
 from onecycle.model import build_model
-from onecycle.tracking import Tracker, file_sha256
+from onecycle.tracking import RANGE_EXPERIMENT, Tracker, file_sha256
 
 
 def final_metrics(history: list[training.EpochRecord], lr_min: float, lr_max: float) -> dict:
@@ -35,6 +36,34 @@ def final_metrics(history: list[training.EpochRecord], lr_min: float, lr_max: fl
     }
 
 
+def describe(
+    params: Params, lr_min: float, lr_max: float, images: int, metrics: dict | None = None, status: str = ""
+) -> str:
+    """The training run's description in MLflow (markdown): its headline (the test accuracy once it is known,
+    else what happened to it), then what it trained."""
+    train, exp_name = params.train, os.environ.get("DVC_EXP_NAME")
+    if metrics:
+        head = (
+            f"**Test accuracy {metrics['test_acc']:.2f}%** after {metrics['epochs']} epochs "
+            f"(best {metrics['best_test_acc']:.2f}% at epoch {metrics['best_epoch']}; "
+            f"{metrics['train_seconds']:.0f} s of training)"
+        )
+    else:
+        head = f"**{status or 'Training'}**: {train.epochs} epochs (the test accuracy appears here when it ends)"
+    return "\n".join(
+        [
+            head,
+            "",
+            f"- LR range {lr_min:.4g} - {lr_max:.4g}: One Cycle from LRMIN to LRMAX at epoch {train.peak_epoch}, "
+            f"back to LRMIN at epoch {train.epochs} (the range from the LR range test, in `{RANGE_EXPERIMENT}`)",
+            f"- DVC experiment: `{exp_name}`" if exp_name else "- DVC experiment: none (`dvc repro` in the workspace)",
+            f"- model width {params.model.width}, seed {train.seed}, batch {train.batch_size}, "
+            f"momentum {list(train.momentum)}, weight decay {train.weight_decay:g}",
+            f"- {images} training images",
+        ]
+    )
+
+
 def train(args: argparse.Namespace, params: Params, group: distributed.Group, device: torch.device) -> None:
     tracker = found = None
     if group.is_main:
@@ -43,12 +72,10 @@ def train(args: argparse.Namespace, params: Params, group: distributed.Group, de
     found = distributed.share(found, group)  # rank 0's range on every process
     lr_min, lr_max = found["lr_min"], found["lr_max"]
     dataset = data.load(args.data)
-    training.check_fits(params.train, len(dataset.train.labels), group.world)  # before an MLflow run is opened
+    images = len(dataset.train.labels)
+    training.check_fits(params.train, images, group.world)  # before an MLflow run is opened
     if group.is_main:
-        print(
-            f"training on {device} x {group.world}: {len(dataset.train.labels)} images, "
-            f"LR {lr_min:.4g} -> {lr_max:.4g} -> {lr_min:.4g}"
-        )
+        print(f"training on {device} x {group.world}: {images} images, LR {lr_min:.4g} -> {lr_max:.4g} -> {lr_min:.4g}")
 
     torch.manual_seed(params.train.seed)
     model = build_model(params.model)
@@ -59,7 +86,14 @@ def train(args: argparse.Namespace, params: Params, group: distributed.Group, de
     if tracker:
         run_params = flatten(params) | {"lr_min": lr_min, "lr_max": lr_max}
         tags = {"data.md5": params.data.md5}
-        run_id = tracker.start_run("train_one_cycle", run_params, tags, run_id=resume.run_id if resume else None)
+        run_id = tracker.start_run(
+            "train_one_cycle",
+            run_params,
+            tags,
+            run_id=resume.run_id if resume else None,
+            detail=f"w{params.model.width} · seed {params.train.seed} · {params.train.epochs} ep · LRMAX {lr_max:.4g}",
+            note=describe(params, lr_min, lr_max, images),
+        )
 
     def log_epoch(record: training.EpochRecord) -> None:
         values = dataclasses.asdict(record)
@@ -73,7 +107,9 @@ def train(args: argparse.Namespace, params: Params, group: distributed.Group, de
         )  # fmt: skip
     except BaseException as exc:
         if tracker:
-            tracker.finish(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+            tracker.set_note(run_id, describe(params, lr_min, lr_max, images, status=f"{status} before the end"))
+            tracker.finish(run_id, status)
         raise
     if not group.is_main:
         return
@@ -86,10 +122,12 @@ def train(args: argparse.Namespace, params: Params, group: distributed.Group, de
     args.checkpoint.unlink(missing_ok=True)  # the run is complete: a rerun trains afresh
 
     tracker.set_tags(run_id, {"model_sha256": file_sha256(args.model)})
+    tracker.set_note(run_id, describe(params, lr_min, lr_max, images, metrics))
     tracker.log_metrics(run_id, len(history), {"best_test_acc": metrics["best_test_acc"]})
     tracker.log_artifacts(run_id, [args.model, args.metrics, args.history, Path(args.params)])
     tracker.finish(run_id)
     tracker.report_lost(kept_in=f"{args.history}, {args.metrics} and {args.model}")
+    tracker.print_where()
     print(
         f"test accuracy {metrics['test_acc']:.2f}% after {len(history)} epochs (best {metrics['best_test_acc']:.2f}%)"
     )

@@ -21,6 +21,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from onecycle.model import CustomResNet
+from onecycle.tracking import EXPERIMENT, RANGE_EXPERIMENT
 from onecycle.training import HISTORY_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,9 +73,11 @@ def repo(tmp_path_factory, small_archive) -> Path:
 
 
 def mlflow_runs(repo: Path, stage: str):
+    """The runs of a stage, from the experiment it logs to: training runs alone in "cifar10-one-cycle"."""
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("cifar10-one-cycle")
-    runs = client.search_runs([experiment.experiment_id], f"tags.stage = '{stage}'", order_by=["start_time ASC"])
+    experiment = client.get_experiment_by_name(RANGE_EXPERIMENT if stage == "lr_range_test" else EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id], order_by=["start_time ASC"])
+    assert {r.data.tags["stage"] for r in runs} <= {stage}, "one stage's runs per experiment"
     return client, runs
 
 
@@ -120,11 +123,25 @@ def test_the_training_run_is_in_the_mlflow_store(repo):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"model.pt", "metrics.json", "params.yaml", "plots"} <= artifacts
     assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {f"plots/{p}" for p in PLOTS}
+    # what MLflow's UI shows: a name that says what it is, a description with the headline, Source, Created by
+    assert run.info.run_name.startswith("repro 20")
+    assert run.info.run_name.endswith(f" · w4 · seed 0 · 2 ep · LRMAX {found['lr_max']:.4g}")
+    assert run.data.tags["mlflow.source.name"] == "stages/train_one_cycle.py" and run.data.tags["mlflow.user"]
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    note = run.data.tags["mlflow.note.content"]
+    assert note.startswith(f"**Test accuracy {metrics['test_acc']:.2f}%** after 2 epochs"), note
+    assert f"LR range {found['lr_min']:.4g} - {found['lr_max']:.4g}" in note and "DVC experiment: none" in note
 
+    # the range test's run: in its own experiment, under keys of its own
     _, range_runs = mlflow_runs(repo, "lr_range_test")
     assert len(range_runs) == 1
-    losses = client.get_metric_history(range_runs[0].info.run_id, "smoothed_loss")
-    assert len(losses) == found["iterations"]
+    [range_run] = range_runs
+    assert len(client.get_metric_history(range_run.info.run_id, "range/smoothed_loss")) == found["iterations"]
+    assert all(key.startswith("range/") for key in range_run.data.metrics)
+    assert not any(key.startswith("range/") for key in run.data.metrics)
+    assert " · range test · w4 · " in range_run.info.run_name
+    assert range_run.data.tags["mlflow.source.name"] == "stages/lr_range_test.py"
+    assert range_run.data.tags["mlflow.note.content"].startswith(f"**LR range {found['lr_min']:.4g} - ")
 
 
 def test_a_second_repro_does_nothing(repo):
@@ -168,7 +185,9 @@ def test_an_experiment_is_a_new_mlflow_run_tagged_with_its_name(repo):
     _, runs = mlflow_runs(repo, "train_one_cycle")
     tagged = [r for r in runs if r.data.tags.get("dvc.exp_name") == "four-epochs"]
     assert len(tagged) == 1
-    assert tagged[0].data.params["train.epochs"] == "4" and tagged[0].info.run_name == "four-epochs"
+    assert tagged[0].data.params["train.epochs"] == "4" and tagged[0].info.run_name.startswith("four-epochs · w4 ")
+    assert "DVC experiment: `four-epochs`" in tagged[0].data.tags["mlflow.note.content"]
+    assert len({r.info.run_name for r in runs}) == len(runs), "every training run has a name of its own"
     assert "four-epochs" in sh(repo, "dvc", "exp", "list").stdout
 
 
@@ -225,3 +244,5 @@ def test_queued_experiments_run_two_at_a_time_and_all_reach_mlflow(repo):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "test_acc")]
         assert steps == list(range(1, epochs + 1)), name
         assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")}, "plot_reports found the run"
+        assert run.info.run_name.startswith(f"{name} · ") and f"{epochs} ep" in run.info.run_name
+    assert len({r.info.run_name for r in runs}) == len(runs), "every training run has a name of its own"

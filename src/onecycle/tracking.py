@@ -1,13 +1,25 @@
 """MLflow tracking: where runs go, and what a training run and a range-test run log.
 
 Tracking URI: MLFLOW_TRACKING_URI, else the SQLite file mlflow.db at the repository root (also inside
-`dvc exp run`, whose stages DVC runs with DVC_ROOT set to that root). Experiment "cifar10-one-cycle".
+`dvc exp run`, whose stages DVC runs with DVC_ROOT set to that root). Experiment "cifar10-one-cycle" holds
+the training runs only; the LR range test's runs go to "cifar10-lr-range-test", under metric keys of their
+own (range/...), so the training experiment's charts overlay One Cycle runs alone.
 Everything goes through one MlflowClient per stage: no global active run.
+
+What `mlflow ui` (3.17) shows by default, and why the stages print a link:
+- It opens an experiment in its GenAI view unless the URL says `workflowType=machine_learning` (or the
+  browser remembers the "Model training" toggle). The `mlflow.experimentKind` tag does not change that in
+  3.17: its UI reads the kind from the URL and the toggle only.
+- Its runs table shows no metric or param column until one is added, and keeps that choice per browser.
+  A URL with `viewStateShareKey=K` loads the view stored in the experiment tag `mlflow.sharedViewState.K`
+  (what its "Share" button writes): the experiments carry such a view with the columns that matter here.
 """
 
 from __future__ import annotations
 
+import getpass
 import hashlib
+import json
 import os
 import subprocess
 import time
@@ -22,7 +34,47 @@ from mlflow.tracking import MlflowClient
 
 from onecycle.errors import UserError
 
-EXPERIMENT = "cifar10-one-cycle"
+EXPERIMENT = "cifar10-one-cycle"  # the training runs, and only them
+RANGE_EXPERIMENT = "cifar10-lr-range-test"  # the LR range test's runs
+VIEW_KEY = "onecycle"  # the shared view's key: mlflow.sharedViewState.onecycle, ?viewStateShareKey=onecycle
+UI_PORT = 5000  # where `mlflow ui` listens by default (on 127.0.0.1)
+
+
+def _column(kind: str, name: str) -> str:
+    """A runs-table column as MLflow's UI names it: metrics.`test_acc`."""
+    return f"{kind}.`{name}`"
+
+
+# Each experiment's shared view: the runs table's columns, the figures a user compares runs by (MLflow's UI
+# orders them metrics, then params, then tags, each alphabetically), and a run-name column wide enough (pixels)
+# for the names `start_run` gives.
+VIEW_COLUMNS = {
+    EXPERIMENT: [
+        *(_column("metrics", m) for m in ("test_acc", "best_test_acc")),
+        *(_column("params", p) for p in ("lr_min", "lr_max", "train.epochs", "model.width", "train.seed")),
+        _column("tags", "dvc.exp_name"),
+    ],
+    RANGE_EXPERIMENT: [
+        *(_column("metrics", m) for m in ("range/lr_min", "range/lr_max")),
+        *(_column("params", p) for p in ("lr_finder.pick", "lr_finder.num_iter", "model.width", "train.batch_size")),
+        _column("tags", "dvc.exp_name"),
+    ],
+}
+RUN_NAME_WIDTH = 340
+
+
+def shared_view(experiment: str) -> str:
+    """The experiment's shared view, as the JSON MLflow's UI reads from the tag mlflow.sharedViewState.<key>."""
+    name_column = _column("attributes", "Run Name")
+    return json.dumps(
+        {
+            "selectedColumns": VIEW_COLUMNS[experiment],
+            "columnOrder": [name_column],  # the UI applies the widths only to the columns listed here
+            "columnWidths": {name_column: RUN_NAME_WIDTH},
+        }
+    )
+
+
 BATCH = 500  # metrics per log_batch call (MLflow takes up to 1,000)
 LOCK_RETRIES = 8  # attempts at a call that SQLite answers with "database is locked" (parallel experiments)
 
@@ -74,6 +126,19 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def user() -> str:
+    """Who runs the stage, as MLflow itself would record it ("Created by" in its UI)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry and no USER variable
+        return "unknown"
+
+
+def run_label() -> str:
+    """What a run is called first: the DVC experiment's name, else (`dvc repro`, a bare stage) when it started."""
+    return os.environ.get("DVC_EXP_NAME") or time.strftime("repro %Y-%m-%d %H:%M:%S")
+
+
 class Tracker:
     """The experiment in the tracking store, and the runs a stage makes in it.
 
@@ -81,7 +146,7 @@ class Tracker:
     it is reported once when it happens, remembered in `lost`, and summed up by `report_lost()`.
     """
 
-    def __init__(self, root: Path | None = None) -> None:
+    def __init__(self, root: Path | None = None, experiment: str = EXPERIMENT) -> None:
         self.root = root or repo_root()
         self.uri = tracking_uri(self.root)
         if self.uri.startswith(("http://", "https://")):
@@ -93,9 +158,13 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=self.uri)
         self.lost: list[str] = []
         try:
-            self.experiment_id = self._call(self._experiment)
+            # the training experiment first, so that it is experiment 1 in a fresh store (the README's link)
+            training_id = self._call(lambda: self._experiment(EXPERIMENT))
+            self.experiment_id = (
+                training_id if experiment == EXPERIMENT else self._call(lambda: self._experiment(experiment))
+            )
         except Exception as exc:
-            raise UserError(f"cannot open the MLflow experiment {EXPERIMENT!r} at {self.uri}: {exc}") from None
+            raise UserError(f"cannot open the MLflow experiment {experiment!r} at {self.uri}: {exc}") from None
 
     def _call(self, fn: Callable[[], Any]) -> Any:
         """fn(), retried while SQLite says another process holds the database (parallel experiments)."""
@@ -130,24 +199,59 @@ class Tracker:
             missed = "; ".join(self.lost) if len(self.lost) <= 6 else f"{'; '.join(self.lost[:3])}; ... {self.lost[-1]}"
             print(f"warning: MLflow at {self.uri} did not take {missed}. They are kept in {kept_in}")
 
-    def _experiment(self) -> str:
-        found = self.client.get_experiment_by_name(EXPERIMENT)
+    def _experiment(self, name: str) -> str:
+        """The experiment's id, created when missing; its shared view is (re)stored when missing or outdated."""
+        found = self.client.get_experiment_by_name(name)
         if found:
-            return found.experiment_id
-        # Artifacts beside mlflow.db, not under the working folder (which is a temporary copy for queued
-        # experiments). A tracking server decides for itself.
-        location = None if self.uri.startswith("http") else (self.root / "mlartifacts").as_uri()
-        try:
-            return self.client.create_experiment(EXPERIMENT, artifact_location=location)
-        except Exception:  # another stage created it meanwhile
-            found = self.client.get_experiment_by_name(EXPERIMENT)
-            if found:
-                return found.experiment_id
-            raise
+            experiment_id, tags = found.experiment_id, found.tags
+        else:
+            # Artifacts beside mlflow.db, not under the working folder (which is a temporary copy for queued
+            # experiments). A tracking server decides for itself.
+            location = None if self.uri.startswith("http") else (self.root / "mlartifacts").as_uri()
+            try:
+                experiment_id, tags = self.client.create_experiment(name, artifact_location=location), {}
+            except Exception:  # another stage created it meanwhile
+                found = self.client.get_experiment_by_name(name)
+                if not found:
+                    raise
+                experiment_id, tags = found.experiment_id, found.tags
+        view = shared_view(name)
+        if tags.get(f"mlflow.sharedViewState.{VIEW_KEY}") != view:
+            self.client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", view)
+        return experiment_id
 
-    def start_run(self, stage: str, params: Mapping[str, object], tags: Mapping[str, str], run_id: str | None = None):
-        """A new run (or the run `run_id`, when it still exists: a resumed training)."""
+    def runs_url(self) -> str:
+        """The experiment's runs table in MLflow's UI, with its shared view's columns."""
+        base = self.uri.rstrip("/") if self.uri.startswith(("http://", "https://")) else f"http://127.0.0.1:{UI_PORT}"
+        query = f"workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
+        return f"{base}/#/experiments/{self.experiment_id}/runs?{query}"
+
+    def print_where(self) -> None:
+        """One line that says where to look at the runs."""
+        if self.lost:
+            return
+        if self.uri.startswith(("http://", "https://")):
+            print(f"MLflow: {self.runs_url()}")
+        else:
+            print(f"MLflow: `mlflow ui --backend-store-uri {self.uri}`, then open {self.runs_url()}")
+
+    def start_run(
+        self,
+        stage: str,
+        params: Mapping[str, object],
+        tags: Mapping[str, str],
+        run_id: str | None = None,
+        *,
+        detail: str = "",
+        note: str = "",
+    ) -> str:
+        """A new run (or the run `run_id`, when it still exists: a resumed training).
+
+        Its name is the DVC experiment's name (or when it started) then `detail`, what sets it apart (width, seed,
+        ...); `note` is its description (markdown), until `set_note` replaces it.
+        """
         exp_name = os.environ.get("DVC_EXP_NAME")
+        name = " · ".join(part for part in (run_label(), detail) if part)
         if run_id:
             try:
                 run = self._call(lambda: self.client.get_run(run_id))
@@ -156,24 +260,37 @@ class Tracker:
             else:
                 earlier = run.data.tags.get("dvc.exp_name")
                 if exp_name and earlier != exp_name:  # DVC names the rerun of a killed experiment afresh
-                    self._rename(run_id, exp_name, earlier)
+                    self._rename(run_id, name, exp_name, earlier)
                 return run_id
-        all_tags = {"stage": stage, "mlflow.source.git.commit": git_commit(), **tags}
+        all_tags = {
+            "stage": stage,
+            "mlflow.source.name": f"stages/{stage}.py",  # "Source" in MLflow's UI: the stage script dvc.yaml runs
+            "mlflow.source.type": "LOCAL",
+            "mlflow.source.git.commit": git_commit(),
+            "mlflow.user": user(),  # "Created by"
+            **tags,
+        }
+        if note:
+            all_tags["mlflow.note.content"] = note
         if exp_name:
             all_tags["dvc.exp_name"] = exp_name
         try:
-            run = self._call(lambda: self.client.create_run(self.experiment_id, tags=all_tags, run_name=exp_name))
+            run = self._call(lambda: self.client.create_run(self.experiment_id, tags=all_tags, run_name=name))
             logged = [Param(k, str(v)) for k, v in params.items()]
             self._call(lambda: self.client.log_batch(run.info.run_id, params=logged, synchronous=True))
         except Exception as exc:
             raise UserError(f"cannot start an MLflow run at {self.uri}: {' '.join(str(exc).split())[:300]}") from None
         return run.info.run_id
 
-    def _rename(self, run_id: str, exp_name: str, earlier: str | None) -> None:
+    def _rename(self, run_id: str, name: str, exp_name: str, earlier: str | None) -> None:
         """Name a resumed run after the DVC experiment that finished it, keeping the killed attempt's name."""
         tags = {"dvc.exp_name": exp_name} | ({"dvc.exp_name.resumed_from": earlier} if earlier else {})
         self.set_tags(run_id, tags)
-        self._try("the run's new name", lambda: self.client.update_run(run_id, name=exp_name))
+        self._try("the run's new name", lambda: self.client.update_run(run_id, name=name))
+
+    def set_note(self, run_id: str, markdown: str) -> None:
+        """The run's description: what MLflow's UI shows atop the run's page."""
+        self.set_tags(run_id, {"mlflow.note.content": markdown})
 
     def log_metrics(self, run_id: str, step: int, values: Mapping[str, float], what: str | None = None) -> None:
         stamp = _now_ms()
