@@ -118,6 +118,14 @@ def test_acc_drop_falls_back_to_min_loss_when_the_accuracy_never_fell():
     assert "raise lr_finder.end_lr" in found.note
 
 
+@pytest.mark.parametrize("name", ["flat", "falling"])
+def test_acc_drop_falls_back_to_min_loss_when_the_accuracy_never_rose(name):
+    # a tiny network on a few steps: the loss fell but the batch accuracy stayed at chance, or only fell
+    accuracy = np.full(len(LRS), 10.0) if name == "flat" else np.linspace(20, 5, len(LRS))
+    found = acc_drop(LRS, accuracy)
+    assert math.isclose(found.lr_max, 0.01) and "never rose" in found.note
+
+
 def saved_curve(rows: list[list[float]]) -> Curve:
     _, lr, loss, smoothed, acc, smoothed_acc = (list(c) for c in zip(*rows, strict=True))
     return Curve(lr, loss, smoothed, acc, smoothed_acc, "finished", 0)

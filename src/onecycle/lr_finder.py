@@ -170,9 +170,10 @@ def accuracy_drop_lr(lr: np.ndarray, accuracy: np.ndarray, decades: float = ACC_
     smooth = smooth_over_log_lr(lr, accuracy, decades)
     top = int(np.argmax(smooth))
     level = (smooth[top] + smooth[0]) / 2
-    i = int(np.flatnonzero(smooth > level)[-1])  # the last step above half; it exists: smooth[top] > level
-    if top == 0 or i == len(lr) - 1:
+    above = np.flatnonzero(smooth > level)  # none when the accuracy never rose (flat, to rounding, or falling)
+    if top == 0 or len(above) == 0 or above[-1] == len(lr) - 1:
         return None
+    i = int(above[-1])  # the last step above half
     x0, x1 = np.log10(lr[i]), np.log10(lr[i + 1])
     t = (smooth[i] - level) / (smooth[i] - smooth[i + 1])
     return float(10 ** (x0 + t * (x1 - x0)))
