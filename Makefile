@@ -9,7 +9,7 @@ export DVC_NO_ANALYTICS := 1
 # Stage commands in dvc.yaml call `python`: the venv's.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: run test lint bench clean-venv
+.PHONY: run test lint bench quick seeds browser-check clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,42 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed lint
 	$(BIN)/python -m pytest -q
 
+# A quick run on a CPU (about a minute on an idle 2-core CPU): the first 2,000 training and 500 test images,
+# width 16, batch 128, 8 epochs, a 48-step range test. ARCHIVE=path/to/cifar-10-binary.tar.gz reads a local copy
+# of the archive (its md5 computed here) instead of downloading it; ARGS="-S key=value ..." adds overrides.
+QUICK_PARAMS := -S data.train_limit=2000 -S data.test_limit=500 -S model.width=16 -S train.batch_size=128 \
+	-S train.epochs=8 -S train.peak_epoch=2 -S lr_finder.num_iter=48
+
+quick: $(VENV)/.installed
+ifdef ARCHIVE
+	@test -f '$(ARCHIVE)' || { echo "error: ARCHIVE=$(ARCHIVE): no such file" >&2; exit 1; }
+	md5=$$($(BIN)/python -c 'import hashlib, sys; print(hashlib.md5(open(sys.argv[1], "rb").read()).hexdigest())' '$(ARCHIVE)') && \
+	$(BIN)/dvc exp run $(QUICK_PARAMS) -S 'data.url=$(abspath $(ARCHIVE))' -S "data.md5=$$md5" $(ARGS)
+else
+	$(BIN)/dvc exp run $(QUICK_PARAMS) $(ARGS)
+endif
+
 bench: $(VENV)/.installed
 	$(BIN)/python scripts/bench.py
+
+# The current params trained with seeds 0..N-1, each a DVC experiment from the range test on (the workspace is
+# left as it is): a table, reports/seeds.json (median, mean, min, max, std of test_acc) and the MLflow runs
+# tagged seeds.group. SET="-S key=value ..." adds overrides to every seed (not data.*, not train.seed).
+N ?= 5
+seeds: $(VENV)/.installed
+	$(BIN)/python scripts/seeds.py -n $(N) $(SET)
+
+# What a user sees in `mlflow ui`, in headless Chromium: two quick runs of the real pipeline, then the runs view,
+# the charts, one run and the compare page. First the check (tests/test_browser.py, on a small made-up archive),
+# then the screenshots in docs/screenshots/ (ARCHIVE=path/to/cifar-10-binary.tar.gz: a local copy; else
+# params.yaml's data.url, downloaded). Needs Debian's chromium (installed here when run as root) and the
+# `browser` extra (playwright, which drives that chromium: no browser download).
+browser-check: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[dev,browser]'
+	@test -x /usr/bin/chromium || if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; \
+	else echo "error: the browser check needs Debian's chromium: run 'sudo apt-get install chromium', then make browser-check again" >&2; exit 1; fi
+	$(BIN)/python -m pytest -q -m browser tests/test_browser.py
+	$(BIN)/python scripts/browser_check.py --out docs/screenshots $(if $(ARCHIVE),--archive '$(ARCHIVE)')
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

@@ -80,3 +80,26 @@ def test_says_how_to_call_it():
     env = {k: v for k, v in os.environ.items() if k != "OUT"}
     no_out = subprocess.run([sys.executable, str(SCRIPT), "run"], capture_output=True, text=True, env=env)
     assert no_out.returncode != 0 and "set OUT to the folder for the results" in no_out.stderr
+
+
+def test_the_device_session_says_how_to_call_it_and_needs_the_results_folder():
+    """scripts/device_session.sh (the shared device call of the accuracy and pipeline issues): its two steps are
+    named, and `run` stops before any work without the results folder the device sets."""
+    session = str(ROOT / "scripts" / "device_session.sh")
+    usage = subprocess.run(["bash", session], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage: bash scripts/device_session.sh prepare|run" in usage.stderr
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    no_out = subprocess.run(["bash", session, "run"], capture_output=True, text=True, env=env)
+    assert no_out.returncode != 0 and "set OUT to the folder for the results" in no_out.stderr
+
+
+def test_every_setting_of_the_device_accuracy_grid_is_valid_before_the_call():
+    """A typo in the grid would cost a device call: every run it plans parses as params.yaml does."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import study
+
+    shared, seeds, settings = study.read_grid(ROOT / "scripts" / "device" / "accuracy_grid.yaml")
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    runs = study.plan_runs(base, shared, settings, seeds)
+    assert [r.setting.name for r in runs[:2]] == ["after", "before"]  # the comparison of the issue first
+    assert sum(r.setting.name == "after" for r in runs) == 5 and all(r.params.model.width in (16, 64) for r in runs)
