@@ -8,6 +8,8 @@ import hashlib
 import http.server
 import io
 import os
+import shutil
+import subprocess
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
@@ -104,3 +107,28 @@ def http_dir(tmp_path) -> Iterator[tuple[str, Path]]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def pipeline_repo(repo: Path, archive: tuple[Path, str], width: int) -> Path:
+    """A git repository at `repo` with this pipeline (dvc.yaml, stages, the library) and params.yaml at a tiny size:
+    the archive, `width`, a 15-step range test, 2 epochs of batches of 64 on the CPU."""
+    root = Path(__file__).resolve().parents[1]
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(root / name, repo / name)
+    for folder in ("stages", "src", ".dvc"):
+        shutil.copytree(root / folder, repo / folder, ignore=shutil.ignore_patterns("tmp", "cache", "__pycache__"))
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"].update(url=str(archive[0]), md5=archive[1])
+    params["model"]["width"] = width
+    params["lr_finder"].update(num_iter=15, start_lr=1e-3, end_lr=1.0)
+    params["train"].update(epochs=2, peak_epoch=1, batch_size=64, device="cpu")
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for command in (
+        ["git", "init", "-q"],
+        ["git", "config", "user.email", "test@example.com"],
+        ["git", "config", "user.name", "test"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "pipeline"],
+    ):
+        subprocess.run(command, cwd=repo, check=True, capture_output=True)
+    return repo

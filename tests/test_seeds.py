@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
+from conftest import pipeline_repo
 from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,24 +33,7 @@ def seeds(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedPro
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, small_archive) -> Path:
     """The pipeline at the pipeline tests' tiny size, but width 8: the seeds below override it to 4."""
-    path, md5 = small_archive
-    repo = tmp_path_factory.mktemp("seeds-repo")
-    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy(ROOT / name, repo / name)
-    for folder in ("stages", "src", ".dvc"):
-        shutil.copytree(ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("tmp", "cache", "__pycache__"))
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["data"].update(url=str(path), md5=md5)
-    params["model"]["width"] = 8
-    params["lr_finder"].update(num_iter=15, start_lr=1e-3, end_lr=1.0)
-    params["train"].update(epochs=2, peak_epoch=1, batch_size=64, device="cpu")
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh(repo, "git", "init", "-q")
-    sh(repo, "git", "config", "user.email", "test@example.com")
-    sh(repo, "git", "config", "user.name", "test")
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "pipeline")
-    return repo
+    return pipeline_repo(tmp_path_factory.mktemp("seeds-repo"), small_archive, width=8)
 
 
 @pytest.fixture(scope="module")
