@@ -101,5 +101,5 @@ def test_every_setting_of_the_device_accuracy_grid_is_valid_before_the_call():
     shared, seeds, settings = study.read_grid(ROOT / "scripts" / "device" / "accuracy_grid.yaml")
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
     runs = study.plan_runs(base, shared, settings, seeds)
-    assert [r.setting.name for r in runs[:2]] == ["after", "before"]  # the comparison of the issue first
-    assert sum(r.setting.name == "after" for r in runs) == 5 and all(r.params.model.width in (16, 64) for r in runs)
+    assert [r.setting.name for r in runs[:2]] == ["defaults", "acc_drop"]  # the comparison of the issue first
+    assert sum(r.setting.name == "defaults" for r in runs) == 5 and all(r.params.model.width in (16, 64) for r in runs)
