@@ -40,10 +40,9 @@ import device_pipeline  # noqa: E402
 from onecycle import augment, batches, data, training  # noqa: E402
 from onecycle.config import AugmentParams, Params, TrainParams  # noqa: E402
 from onecycle.data import Dataset, Split  # noqa: E402
-from onecycle.model import CustomResNet  # noqa: E402
+from onecycle.model import CustomResNet, training_flop  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-FLOP_PER_IMAGE = 2.28e9  # forward + backward of the width-64 network on one 32x32 image
 REFERENCE_IMAGES = 20 * 50_000  # the reference's range test: 20 one-epoch trainings
 
 
@@ -134,7 +133,7 @@ def train_step_throughput(width: int, batch_size: int, steps: int, repeat: int, 
             "seconds_per_epoch_of_50000": seconds_per_epoch,
             "seconds_for_24_epochs": 24 * seconds_per_epoch,
             # FLOP scale with width squared (channels in x channels out per convolution)
-            "achieved_tflops": rate["project"] * FLOP_PER_IMAGE * (width / 64) ** 2 / 1e12,
+            "achieved_tflops": rate["project"] * training_flop(width) / 1e12,
         }
         if peak:
             result["model_flop_utilisation"] = result["achieved_tflops"] / peak

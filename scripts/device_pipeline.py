@@ -58,7 +58,6 @@ ROOT = Path(__file__).resolve().parents[1]
 WHEEL_LIST = ROOT / "scripts" / "device-wheels.txt"
 CARRY = ROOT / ".carry"
 CARRY_LIMIT = 64 * 2**20  # bytes: what one device call may carry (working tree + carried paths)
-FLOP_PER_IMAGE = 2.28e9  # forward + backward of the width-64 network on one 32x32 image
 DATASHEET_TFLOPS = 989.0  # H200 dense bf16
 # not copied into the clean checkout: at the root, carried paths and what a run writes; anywhere, caches
 SKIP_AT_ROOT = {".git", ".whl", ".carry", ".gl", ".venv", "data", "models", "mlflow.db", "mlruns", "mlartifacts"}
@@ -189,7 +188,11 @@ class Run:
 
     def save(self, **values) -> None:
         self.record |= values
-        (self.out / "h200-pipeline.json").write_text(json.dumps(self.record, indent=2) + "\n")
+        # renamed into place: a run killed mid-write keeps the last whole record, which device_session.sh reads
+        path = self.out / "h200-pipeline.json"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.record, indent=2) + "\n")
+        os.replace(tmp, path)
 
     def call(self, args: list[str], *, cwd: Path = ROOT, env=None, timeout: float | None = None) -> tuple[int, str]:
         """Run a command, its output into the log (and printed); (exit status, output). A timeout stops its
@@ -388,10 +391,13 @@ def run_pipeline(wheels: Path) -> None:
         run.save(device=probe["device"], torch=probe["torch"], python=probe["python"])
         meta = json.loads(meta_file.read_text())
         width = run.record["params"]["model.width"]
+        sys.path.insert(0, str(ROOT / "src"))
+        from onecycle.model import training_flop  # here: the other steps need neither torch nor the project
+
         peaks = {"measured_matmul": probe["matmul_bf16_tflops"], "datasheet": DATASHEET_TFLOPS}
         for result in runs:
             if "fit_seconds" in result:  # training images x epochs, forward + backward, over the whole fit
-                flop = meta["train_images"] * run.record["params"]["train.epochs"] * FLOP_PER_IMAGE * (width / 64) ** 2
+                flop = meta["train_images"] * run.record["params"]["train.epochs"] * training_flop(width)
                 result["achieved_tflops"] = flop / result["fit_seconds"] / 1e12
                 result["mfu"] = {name: result["achieved_tflops"] / peak for name, peak in peaks.items()}
         run.save(peak_tflops=peaks, train_images=meta["train_images"], runs=runs, **headline(runs[0]))

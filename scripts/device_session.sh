@@ -8,9 +8,10 @@
 # run, deadlines in seconds from its start (the call's limit is 600: give it timeout_s 590):
 #   1. `dvc repro` from a clean checkout, every stage timed, then `make bench`'s GPU path if it fits
 #      (scripts/device_pipeline.py), until PIPELINE (200): $OUT/h200-pipeline.json, pipeline.log, bench.json
-#   2. the accuracy study (scripts/study.py, warm process, GRID = scripts/device/accuracy_grid.yaml) until
-#      STUDY (490): $OUT/study.json
-#   3. airbench94 from its sdist on the same data, 3 seeds (scripts/airbench_standin.py) until AIRBENCH (560):
+#   2. the accuracy study (scripts/study.py, a warm process each): the 5 seeds of SEEDS_GRID
+#      (scripts/device/accuracy_seeds.yaml) until SEEDS (420): $OUT/seeds.json; then GRID
+#      (scripts/device/accuracy_grid.yaml) until STUDY (545): $OUT/study.json
+#   3. airbench94 from its sdist on the same data, 3 seeds (scripts/airbench_standin.py) until AIRBENCH (575):
 #      $OUT/airbench.json
 # The stand-in archive that part 1 builds in $WORK is the data of parts 2 and 3. $OUT/session.log holds
 # everything printed. STUDY_SET (e.g. "-S model.width=2 -S train.epochs=2") and the env of device_pipeline.py
@@ -19,8 +20,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PIPELINE=${PIPELINE:-200}
-STUDY=${STUDY:-490}
-AIRBENCH=${AIRBENCH:-560}
+SEEDS=${SEEDS:-420}
+STUDY=${STUDY:-545}
+AIRBENCH=${AIRBENCH:-575}
+SEEDS_GRID=${SEEDS_GRID:-scripts/device/accuracy_seeds.yaml}
 GRID=${GRID:-scripts/device/accuracy_grid.yaml}
 STUDY_SET=${STUDY_SET:-}
 AIRBENCH_SDIST=.carry/airbench-0.1.8.tar.gz
@@ -56,11 +59,14 @@ run)
     commit=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1])).get("commit", ""))' \
         "$OUT/h200-pipeline.json")
 
-    echo "== 2. accuracy study ($(left "$STUDY") s)"
-    # shellcheck disable=SC2086 # STUDY_SET is a list of options
-    python3 scripts/study.py --grid "$GRID" "${on_data[@]}" $STUDY_SET --out "$OUT/study.json" \
-        --deadline "$(left "$STUDY")" --cache "$WORK/cache" --peak --datasheet-tflops 989 \
-        ${commit:+--commit "$commit"} || status=$?
+    for part in "$SEEDS_GRID:$SEEDS:seeds" "$GRID:$STUDY:study"; do
+        IFS=: read -r grid deadline name <<<"$part"
+        echo "== 2. accuracy study, $grid ($(left "$deadline") s)"
+        # shellcheck disable=SC2086 # STUDY_SET is a list of options
+        python3 scripts/study.py --grid "$grid" "${on_data[@]}" $STUDY_SET --out "$OUT/$name.json" \
+            --deadline "$(left "$deadline")" --cache "$WORK/cache" --peak --datasheet-tflops 989 \
+            ${commit:+--commit "$commit"} || status=$?
+    done
 
     echo "== 3. airbench94 ($(left "$AIRBENCH") s)"
     # shellcheck disable=SC2086

@@ -76,11 +76,8 @@ from onecycle import data, distributed, lr_finder, outputs, training
 from onecycle.config import Params, parse_params, read_yaml
 from onecycle.errors import UserError
 from onecycle.experiments import apply_overrides, device_name, parse_override, seeds_summary
-from onecycle.model import build_model
+from onecycle.model import build_model, training_flop
 
-# forward + backward of the width-64 network on one 32x32 image, the figure scripts/bench.py uses (not imported
-# from it: a device call should not depend on bench's own imports)
-FLOP_PER_IMAGE = 2.28e9
 SPECIAL_KEYS = ("lr_max", "seeds")
 
 
@@ -283,7 +280,7 @@ def execute(params: Params, lr_max: float | None, dataset: data.Dataset, device:
         "history": [dataclasses.asdict(r) for r in history],
     }
     if peaks:
-        flop = n_images * params.train.epochs * FLOP_PER_IMAGE * (params.model.width / 64) ** 2
+        flop = n_images * params.train.epochs * training_flop(params.model.width)
         achieved = flop / seconds / 1e12
         result["achieved_tflops"] = achieved
         result["flop_utilisation"] = {name: achieved / peak for name, peak in peaks.items()}

@@ -58,7 +58,7 @@ def main() -> None:
     run_id = tracker.start_run(
         "lr_range_test",
         {k: v for k, v in flatten(params).items() if k.split(".")[0] in ("lr_finder", "model", "augment", "data")}
-        | {"train.batch_size": params.train.batch_size, "train.seed": params.train.seed},
+        | {k: v for k, v in flatten(params).items() if k in lr_finder.SWEEP_TRAIN_KEYS},
         {"data.md5": params.data.md5},
         detail=f"range test · w{params.model.width} · {len(curve.lr)} steps · LRMAX {found.lr_max:.4g}",
         note=describe(params, found, summary, os.environ.get("DVC_EXP_NAME")),

@@ -49,7 +49,11 @@ def describe(
             f"{metrics['train_seconds']:.0f} s of training)"
         )
     else:
-        head = f"**{status or 'Training'}**: {train.epochs} epochs (the test accuracy appears here when it ends)"
+        head = (
+            f"**{status}**: {train.epochs} epochs planned; the metrics show the epochs that finished"
+            if status
+            else f"**Training**: {train.epochs} epochs (the test accuracy appears here when it ends)"
+        )
     return "\n".join(
         [
             head,

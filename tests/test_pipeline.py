@@ -161,6 +161,19 @@ def test_changing_epochs_reruns_training_and_reports_only(repo):
     sh(repo, "git", "commit", "-qm", "three epochs")
 
 
+def test_every_train_key_the_sweep_runs_with_reruns_the_range_test(repo):
+    """A range found under other settings is never reused: dvc.yaml lists what find_range reads."""
+    before = (repo / "params.yaml").read_text()
+    for key, value in (("label_smoothing", 0.1), ("nesterov", True), ("precision", "bf16"), ("channels_last", False)):
+        params = yaml.safe_load(before)
+        params["train"][key] = value
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        status = sh(repo, "dvc", "status", "lr_range_test").stdout
+        assert f"train.{key}" in status and "modified" in status, (key, status)
+    (repo / "params.yaml").write_text(before)
+    assert "lr_range_test" not in sh(repo, "dvc", "status", "lr_range_test").stdout
+
+
 def test_an_experiment_is_a_new_mlflow_run_tagged_with_its_name(repo):
     # 4 epochs: a param set not run before (DVC's run cache would restore a known one without running it)
     result = sh(repo, "dvc", "exp", "run", "-S", "train.epochs=4", "-n", "four-epochs")

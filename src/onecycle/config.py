@@ -131,7 +131,7 @@ class ModelParams:
 class LRFinderParams:
     start_lr: float = _param(1e-4, _number(0.0, lo_open=True))
     end_lr: float = _param(1.0, _number(0.0, lo_open=True))
-    num_iter: int = _param(96, _integer(5))  # optimizer steps in the sweep (98 make one epoch of 50,000)
+    num_iter: int = _param(96, _integer(5, 5000))  # optimizer steps in the sweep (98 make one epoch of 50,000)
     step_mode: str = _param("exp", _choice("exp", "linear"))
     # min_loss stays the default: acc_drop (where the batch accuracy, smoothed over log LR, has lost half its gain)
     # lands on the plateau of full-data runs but 3x too high on make quick's 2,000 images (docs/lr-finder.md)
@@ -169,7 +169,7 @@ class TrainParams:
     # max-autotune also times Triton kernels (a longer warm-up)
     compile_mode: str = _param("default", _choice("default", "reduce-overhead", "max-autotune"))
     # CUDA: time cuDNN's algorithms for each new shape first. Off: on an H200 the timing cost 9 s of a fresh
-    # process's first epoch and won nothing after it (README, Speed)
+    # process's first epoch and won nothing after it (docs/h200.md)
     cudnn_benchmark: bool = _param(False, _boolean())
 
 

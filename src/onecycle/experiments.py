@@ -10,9 +10,11 @@ result still goes through `config.parse_params`, which names any wrong key or va
 from __future__ import annotations
 
 import copy
+import os
 import platform
 import statistics
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -74,7 +76,14 @@ def seeds_summary(runs: list[dict], device: str, width: int) -> dict:
 
 
 def device_name(device: torch.device) -> str:
-    """'NVIDIA H200' for a GPU; the processor for the CPU ('cpu (x86_64)')."""
+    """'NVIDIA H200' for a GPU; for the CPU its model, cores and the kernels torch uses on it
+    ('cpu: Intel(R) Xeon(R) Processor, 2 cores, AVX512'): float rounding, and so an LR pick, depends on them."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine() or 'unknown'})"
+    model = platform.processor() or platform.machine() or "unknown"
+    try:
+        names = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
+        model = names[0].split(":", 1)[1].strip() if names else model
+    except OSError:
+        pass
+    return f"cpu: {model}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}"

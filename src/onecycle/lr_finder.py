@@ -28,6 +28,21 @@ from onecycle.data import Dataset
 from onecycle.errors import UserError
 from onecycle.model import build_model
 
+# The train keys the sweep reads (dvc.yaml lists them as the stage's params, so a change reruns it): its batches,
+# seed, optimizer, loss, precision and memory layout, as training runs them
+SWEEP_TRAIN_KEYS = (
+    "train.batch_size",
+    "train.seed",
+    "train.momentum",
+    "train.weight_decay",
+    "train.nesterov",
+    "train.label_smoothing",
+    "train.decay_bn_and_bias",
+    "train.precision",
+    "train.channels_last",
+    "train.device",
+)
+
 CSV_COLUMNS = ("iteration", "lr", "loss", "smoothed_loss", "accuracy", "smoothed_accuracy")
 
 
