@@ -93,7 +93,9 @@ BAD = [
     (edit("lr_finder.step_mode", "log"), "lr_finder.step_mode = 'log' is not allowed: use one of 'exp', 'linear'"),
     (edit("lr_finder.pick", "best"), "lr_finder.pick = 'best' is not allowed: use one of 'min_loss', 'min_loss_div10'"),
     (edit("lr_finder.smooth_beta", 1.0), "lr_finder.smooth_beta = 1.0 is not allowed: use a number >= 0 and < 1"),
-    (edit("lr_finder.num_iter", 2), "lr_finder.num_iter = 2 is not allowed: use an integer >= 5"),
+    (edit("lr_finder.num_iter", 2), "lr_finder.num_iter = 2 is not allowed: use an integer from 5 to 5000"),
+    # acc_drop smooths the curve with an n x n kernel: 5,000 steps (50 epochs) is 200 MB, far more would not fit
+    (edit("lr_finder.num_iter", 10_000), "lr_finder.num_iter = 10000 is not allowed: use an integer from 5 to 5000"),
     (edit("train.momentum", [0.95, 1.2]), "train.momentum = [0.95, 1.2] is not allowed"),
     (edit("train.weight_decay", -0.1), "train.weight_decay = -0.1 is not allowed: use a number >= 0"),
     (edit("train.weight_decay", ".nan"), "train.weight_decay = '.nan' is not allowed"),
