@@ -24,6 +24,18 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 RECORD = 3073
+# the seven pictures plot_reports writes (CONTRACT.md, Outputs)
+PLOTS = frozenset(
+    {
+        "cyclic_lr.png",
+        "lr_range.png",
+        "one_cycle.png",
+        "accuracy.png",
+        "loss.png",
+        "misclassified.png",
+        "confusion_matrix.png",
+    }
+)
 
 
 def make_records(n: int, seed: int) -> bytes:

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import PLOTS
 from matplotlib.figure import Figure
 
 from onecycle import outputs, plots
@@ -22,15 +23,6 @@ from onecycle.lr_finder import CSV_COLUMNS
 from onecycle.training import HISTORY_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
-PNGS = (
-    "cyclic_lr.png",
-    "lr_range.png",
-    "one_cycle.png",
-    "accuracy.png",
-    "loss.png",
-    "misclassified.png",
-    "confusion_matrix.png",
-)
 
 
 def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
@@ -54,7 +46,7 @@ def repo(tmp_path_factory) -> Path:
     # an exponential sweep from 1e-4 to 1, as lr_finder.step_mode exp writes it
     curve = [[i, 1e-4 * 10 ** (4 * i / 29), 2.3, 2.3 - i / 100, 10.0, 10.0] for i in range(30)]
     outputs.write_csv(reports / "lr_range.csv", CSV_COLUMNS, curve)
-    for name in PNGS:
+    for name in PLOTS:
         plots.save(Figure(figsize=(1, 1)), reports / "plots" / name)
     return repo
 
@@ -104,7 +96,7 @@ def test_each_png_is_shown_once_under_a_title_that_says_what_it_is(shown):
     for plot_id, (entry,) in images.items():
         assert entry["revisions"] == ["workspace"]
         by_file[Path(entry["url"]).name.removeprefix("workspace_reports_plots_")] = plot_id
-    assert sorted(by_file) == sorted(PNGS)
+    assert sorted(by_file) == sorted(PLOTS)
     for name, title in by_file.items():
         # DVC shows the plot id above the image: a sentence, then the file it came from
         assert title.endswith(f", {name}") and not title.startswith("reports/")
@@ -114,7 +106,7 @@ def test_each_png_is_shown_once_under_a_title_that_says_what_it_is(shown):
 def test_dvc_yaml_names_every_png_the_plot_stage_writes():
     # dvc.yaml lists the PNGs one by one (for their titles): a new picture needs its own entry there
     written = set(re.findall(r'"(\w+\.png)"', (ROOT / "stages" / "plot_reports.py").read_text()))
-    assert written == set(PNGS)
+    assert written == set(PLOTS)
 
 
 def test_the_html_goes_to_dvc_plots_which_git_ignores(repo):

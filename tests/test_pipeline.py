@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import pipeline_repo
+from conftest import PLOTS, pipeline_repo
 from mlflow.tracking import MlflowClient
 
 from onecycle.model import CustomResNet
@@ -25,15 +25,6 @@ from onecycle.tracking import EXPERIMENT, RANGE_EXPERIMENT
 from onecycle.training import HISTORY_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
-PLOTS = {
-    "cyclic_lr.png",
-    "lr_range.png",
-    "one_cycle.png",
-    "accuracy.png",
-    "loss.png",
-    "misclassified.png",
-    "confusion_matrix.png",
-}
 STAGES = ("download_cifar", "lr_range_test", "train_one_cycle", "plot_reports")
 
 
