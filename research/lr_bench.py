@@ -1,0 +1,330 @@
+"""The LR-finder benchmark: in each setting, trained grids of LRMAX beside what every pick rule reads off the sweep.
+
+    python -m research.lr_bench run --archive cifar-10-binary.tar.gz [--out docs/results/lr_bench] [--workers 2]
+    python -m research.lr_bench report [--out docs/results/lr_bench]
+
+`run` works through the settings of research/lr_bench.yaml: per seed, a range test (the lr_range_test stage's
+own `lr_finder.find_range`, whose curve every rule reads later), and one `training.fit` per LRMAX of the grid
+(as train_one_cycle, LRMIN = LRMAX / lr_finder.min_div), then the test accuracy on every test image. Each job
+runs in a process of its own with one thread (`--workers` at once: on a shared 2-core CPU two one-thread
+processes lose less to a busy core than one two-thread process), and writes one JSON under --out/<setting>/.
+A rerun skips what is there, so a killed benchmark keeps every finished job; what is planned next depends on
+what has finished (a grid grows past an edge that holds its best mean, close leaders get a third seed).
+
+`report` (research/lr_report.py) turns those files into the tables and plots of docs/lr-finder.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from onecycle.config import Params, parse_params, read_yaml
+from onecycle.errors import UserError
+from onecycle.experiments import apply_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = Path(__file__).with_name("lr_bench.yaml")
+CLOSE = 0.3  # points of test accuracy: two grid points this close get a third seed
+MAX_GROWTH = 3  # grid points added past each edge, at most
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    overrides: dict[str, Any]
+    grid: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    settings: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+    threads: int = 1
+
+
+@dataclass(frozen=True)
+class Job:
+    setting: str
+    kind: str  # "sweep" (a range test) or "train" (24-epoch-style fit from a given LRMAX)
+    seed: int
+    lr_max: float | None = None
+    variant: str = ""  # a sweep under other float kernels (Variant.name)
+
+    @property
+    def name(self) -> str:
+        if self.kind == "sweep":
+            return f"sweep-s{self.seed}" + (f"-{self.variant}" if self.variant else "")
+        return f"train-{self.lr_max:.6g}-s{self.seed}"
+
+
+@dataclass(frozen=True)
+class Bench:
+    shared: dict[str, Any]
+    seeds: tuple[int, ...]
+    settings: tuple[Setting, ...]
+    variants: tuple[Variant, ...]
+
+    def setting(self, name: str) -> Setting:
+        return next(s for s in self.settings if s.name == name)
+
+
+def read_bench(path: Path = CONFIG) -> Bench:
+    raw = read_yaml(path.read_text())
+    settings = tuple(
+        Setting(s["name"], s.get("set") or {}, tuple(float(x) for x in s["grid"])) for s in raw["settings"]
+    )
+    variants = tuple(
+        Variant(
+            v["name"], tuple(v["settings"]), {k: str(x) for k, x in (v.get("env") or {}).items()}, v.get("threads", 1)
+        )
+        for v in raw.get("variants") or ()
+    )
+    return Bench(raw.get("set") or {}, tuple(raw["seeds"]), settings, variants)
+
+
+def setting_params(bench: Bench, setting: Setting, data_set: dict, seed: int) -> tuple[dict, Params]:
+    """The params mapping of one job (params.yaml, the benchmark's and the setting's overrides, the archive, the
+    seed), and its parsed Params: a wrong key stops the benchmark before any work."""
+    base = read_yaml((ROOT / "params.yaml").read_text())
+    raw = apply_overrides(base, bench.shared | setting.overrides | data_set | {"train.seed": seed})
+    try:
+        return raw, parse_params(raw)
+    except UserError as exc:
+        raise UserError(f"setting {setting.name!r}: {exc}") from None
+
+
+def load_results(out: Path) -> dict[str, dict[str, dict]]:
+    """setting -> job name -> its result, of every finished job under `out`."""
+    results: dict[str, dict[str, dict]] = {}
+    for path in sorted(out.glob("*/*.json")):
+        results.setdefault(path.parent.name, {})[path.stem] = json.loads(path.read_text())
+    return results
+
+
+def grid_means(done: dict[str, dict]) -> dict[float, list[float]]:
+    """LRMAX -> test accuracies (one per seed) of a setting's finished trainings."""
+    means: dict[float, list[float]] = {}
+    for result in done.values():
+        if result["kind"] == "train":
+            means.setdefault(result["lr_max"], []).append(result["test_acc"])
+    return means
+
+
+def grown_grid(setting: Setting, done: dict[str, dict]) -> list[float]:
+    """The grid, grown by factors of 2 past an edge while that edge holds the best mean (once every point has a
+    result), so that the best is an inner point."""
+    grid = sorted(setting.grid)
+    trained = grid_means(done)
+    for _ in range(2 * MAX_GROWTH):
+        if not all(lr in trained for lr in grid):
+            break
+        best = max(grid, key=lambda lr: statistics.fmean(trained[lr]))
+        if best == grid[0] and grid[0] > setting.grid[0] / 2**MAX_GROWTH:
+            grid.insert(0, grid[0] / 2)
+        elif best == grid[-1] and grid[-1] < setting.grid[-1] * 2**MAX_GROWTH:
+            grid.append(grid[-1] * 2)
+        else:
+            break
+    return grid
+
+
+def plan(bench: Bench, results: dict[str, dict[str, dict]]) -> list[Job]:
+    """Every job the results so far call for, most needed first: each seed's sweep and grid, setting by setting;
+    then the grown grids; then third seeds of close leaders; then the kernel variants' sweeps."""
+    jobs = [
+        job
+        for seed in bench.seeds
+        for s in bench.settings
+        for job in [Job(s.name, "sweep", seed)] + [Job(s.name, "train", seed, lr) for lr in s.grid]
+    ]
+    for s in bench.settings:
+        done = results.get(s.name, {})
+        grid = grown_grid(s, done)
+        jobs += [Job(s.name, "train", seed, lr) for lr in grid if lr not in s.grid for seed in bench.seeds]
+        trained = grid_means(done)
+        if all(len(trained.get(lr, [])) >= len(bench.seeds) for lr in grid):
+            first, second = sorted(grid, key=lambda lr: statistics.fmean(trained[lr]), reverse=True)[:2]
+            if statistics.fmean(trained[first]) - statistics.fmean(trained[second]) < CLOSE:
+                extra = max(bench.seeds) + 1
+                jobs += [
+                    Job(s.name, "sweep", extra),
+                    Job(s.name, "train", extra, first),
+                    Job(s.name, "train", extra, second),
+                ]
+    for variant in bench.variants:
+        jobs += [Job(name, "sweep", seed, variant=variant.name) for name in variant.settings for seed in bench.seeds]
+    return jobs
+
+
+def git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=ROOT)
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], capture_output=True, cwd=ROOT).returncode
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def data_folder(params: Params, cache: Path) -> Path:
+    """The folder `data.prepare` writes for this data section (as download_cifar), made once."""
+    from onecycle import data
+
+    section = json.dumps(dataclasses.asdict(params.data), sort_keys=True)
+    folder = cache / hashlib.sha256(section.encode()).hexdigest()[:16]
+    if not (folder / "meta.json").exists():
+        data.prepare(params.data, folder, progress=False)
+    return folder
+
+
+def run_job(payload: dict) -> dict:
+    """One job in this process: the sweep's curve, or the trained grid point's test accuracy on every test image."""
+    import torch
+
+    from onecycle import batches, data, lr_finder, training
+    from onecycle.experiments import device_name
+    from onecycle.model import build_model
+
+    torch.set_num_threads(payload["threads"])
+    params = parse_params(payload["params"])
+    dataset = data.load(Path(payload["data"]))
+    device = torch.device("cpu")
+    start = time.perf_counter()
+    result: dict[str, Any] = {"device": device_name(device), "threads": payload["threads"], "torch": torch.__version__}
+    if payload["kind"] == "sweep":
+        curve, found = lr_finder.find_range(params, dataset, device, progress=False)
+        result |= {
+            "curve": {"lr": curve.lr, "loss": curve.loss, "accuracy": curve.accuracy},
+            "stop_reason": curve.stop_reason,
+            "images_seen": curve.images_seen,
+            "found": found.as_dict(curve, len(dataset.train.labels)),
+        }
+    else:
+        lr_max = payload["lr_max"]
+        torch.manual_seed(params.train.seed)
+        model = build_model(params.model)
+        # fit evaluates after every epoch: on one image here, and the final model below on every test image
+        one = data.Split(dataset.test.images[:1], dataset.test.labels[:1])
+        try:
+            training.fit(model, dataclasses.replace(dataset, test=one), params, lr_max / params.lr_finder.min_div,
+                         lr_max, device, progress=False)  # fmt: skip
+            options = training.StepOptions.of(params.train, device)
+            test = batches.EvalSet(dataset.test, dataset.mean, dataset.std, device)
+            test_loss, correct, total = training.evaluate(model, test.batches(1024), options)
+            result |= {"test_acc": 100 * correct / total, "test_loss": test_loss, "test_images": total}
+        except training.Diverged as exc:  # too high an LR: a finding, scored as chance
+            result |= {"test_acc": 10.0, "test_loss": float("nan"), "diverged": str(exc)}
+    return result | {"seconds": time.perf_counter() - start}
+
+
+def child(path: Path) -> None:
+    from onecycle import outputs
+
+    payload = json.loads(path.read_text())
+    result = run_job(payload)
+    outputs.write_json(Path(payload["result"]), payload["record"] | result)
+
+
+def run(args: argparse.Namespace) -> None:
+    from onecycle import outputs
+
+    if not Path(args.archive).is_file():
+        raise UserError(f"--archive {args.archive}: no such file")
+    md5 = hashlib.md5(Path(args.archive).read_bytes()).hexdigest()
+    data_set = {"data.url": str(Path(args.archive).resolve()), "data.md5": md5}
+    bench = read_bench(args.config)
+    for s in bench.settings:
+        setting_params(bench, s, data_set, 0)  # every setting's params checked before any work
+    cache, out = args.cache, args.out
+    commit = git_commit()
+    running: dict[str, tuple[subprocess.Popen, Job, float]] = {}
+    began = time.perf_counter()
+    while True:
+        results = load_results(out)
+        waiting = [
+            j
+            for j in dict.fromkeys(plan(bench, results))
+            if j.name not in results.get(j.setting, {})
+            and f"{j.setting}/{j.name}" not in running
+            and not (out / j.setting / f"{j.name}.failed").exists()  # look at its log; delete the file to retry
+        ]
+        while waiting and len(running) < args.workers:
+            job = waiting.pop(0)
+            setting = bench.setting(job.setting)
+            raw, params = setting_params(bench, setting, data_set, job.seed)
+            variant = next((v for v in bench.variants if v.name == job.variant), Variant("", ()))
+            folder = out / job.setting
+            folder.mkdir(parents=True, exist_ok=True)
+            payload_path = cache / f"{job.setting}-{job.name}.payload.json"
+            record = dataclasses.asdict(job) | {"overrides": setting.overrides, "commit": commit, "env": variant.env}
+            payload = {
+                "params": raw,
+                "data": str(data_folder(params, cache)),
+                "kind": job.kind,
+                "lr_max": job.lr_max,
+                "threads": variant.threads,
+                "record": record,
+                "result": str(folder / f"{job.name}.json"),
+            }
+            payload_path.write_text(json.dumps(payload))
+            env = os.environ | variant.env | {"OMP_NUM_THREADS": str(variant.threads)}
+            log = (cache / f"{job.setting}-{job.name}.log").open("w")
+            command = [sys.executable, "-m", "research.lr_bench", "child", str(payload_path)]
+            process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            running[f"{job.setting}/{job.name}"] = (process, job, time.perf_counter())
+            print(f"[{time.perf_counter() - began:6.0f} s] start {job.setting}/{job.name}", flush=True)
+        if not running:
+            break
+        time.sleep(1)
+        for key, (process, _job, started) in list(running.items()):
+            if process.poll() is not None:
+                del running[key]
+                status = "done" if process.returncode == 0 else f"FAILED ({process.returncode}; log in {cache})"
+                print(f"[{time.perf_counter() - began:6.0f} s] {status} {key} in {time.perf_counter() - started:.0f} s")
+                if process.returncode != 0:
+                    outputs.write_json(out / f"{key}.failed", {"returncode": process.returncode})
+    print(f"all planned jobs done in {time.perf_counter() - began:.0f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    go = sub.add_parser("run", help="run (or resume) the benchmark")
+    go.add_argument("--archive", required=True, help="the CIFAR-10 binary archive (a local file)")
+    go.add_argument("--out", type=Path, default=ROOT / "docs/results/lr_bench")
+    go.add_argument("--config", type=Path, default=CONFIG)
+    go.add_argument("--cache", type=Path, default=Path("/tmp/lr_bench"), help="decoded data, job payloads, logs")
+    go.add_argument("--workers", type=int, default=2)
+    report = sub.add_parser("report", help="the tables and plots, from what has finished")
+    report.add_argument("--out", type=Path, default=ROOT / "docs/results/lr_bench")
+    report.add_argument("--config", type=Path, default=CONFIG)
+    sub.add_parser("child", help=argparse.SUPPRESS).add_argument("payload", type=Path)
+    args = parser.parse_args()
+    try:
+        if args.command == "child":
+            child(args.payload)
+        elif args.command == "run":
+            args.cache.mkdir(parents=True, exist_ok=True)
+            run(args)
+        else:
+            from research import lr_report
+
+            lr_report.report(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
