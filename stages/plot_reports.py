@@ -68,7 +68,7 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params(args.params)
     found = lr_finder.read_range(args.range)
-    lr_min, lr_max = found["lr_min"], found["lr_max"]
+    lr_min, lr_max = lr_finder.training_range(found, params.train)
     curve = read_columns(args.curve, lr_finder.CSV_COLUMNS, "lr_range_test")
     history = read_columns(args.history, training.HISTORY_COLUMNS, "train_one_cycle")
     tracker = Tracker()  # an unreachable tracking server stops the stage here, before any work
@@ -96,8 +96,8 @@ def main() -> None:
             curve["lr"],
             curve["smoothed_loss"],
             curve["loss"],
-            lr_min,
-            lr_max,
+            found["lr_min"],  # the range as found (training scales it by train.lr_scale)
+            found["lr_max"],
             str(found.get("pick", params.lr_finder.pick)),
             accuracy=curve["smoothed_accuracy"],
         ),

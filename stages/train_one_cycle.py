@@ -74,7 +74,7 @@ def train(args: argparse.Namespace, params: Params, group: distributed.Group, de
         found = lr_finder.read_range(args.range)
         tracker = Tracker()  # an unreachable tracking server stops the stage here, before training
     found = distributed.share(found, group)  # rank 0's range on every process
-    lr_min, lr_max = found["lr_min"], found["lr_max"]
+    lr_min, lr_max = lr_finder.training_range(found, params.train)
     dataset = data.load(args.data)
     images = len(dataset.train.labels)
     training.check_fits(params.train, images, group.world)  # before an MLflow run is opened

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from onecycle import data, lr_finder
+from onecycle import data, lr_finder, picks
 from onecycle.config import LRFinderParams, parse_params
 from onecycle.errors import UserError
 from onecycle.lr_finder import Curve, pick_range, range_test, sweep_lr
@@ -75,7 +75,7 @@ def test_acc_drop_picks_where_the_smoothed_accuracy_has_lost_half_its_gain():
     # smoothing a Gaussian bump by a Gaussian widens it to sqrt(0.4**2 + 0.15**2) decades; its half-maximum
     # point above the 10% baseline is sqrt(2 ln 2) such widths past the peak
     found = acc_drop(LRS, bump(LRS, 0.005), min_div=10)
-    expected = 0.005 * 10 ** (math.hypot(0.4, lr_finder.ACC_SMOOTH_DECADES) * math.sqrt(2 * math.log(2)))
+    expected = 0.005 * 10 ** (math.hypot(0.4, picks.ACC_SMOOTH_DECADES) * math.sqrt(2 * math.log(2)))
     assert found.lr_max == pytest.approx(expected, rel=0.02) and found.lr_max > 0.005
     assert found.lr_min == pytest.approx(found.lr_max / 10) and found.note == ""
 
@@ -211,6 +211,9 @@ def test_smoothing_is_a_bias_corrected_moving_average():
         avg = 0.9 * avg + 0.1 * raw
         assert math.isclose(curve.smoothed_loss[i], avg / (1 - 0.9 ** (i + 1)), rel_tol=1e-12)
     assert curve.smoothed_loss[0] == curve.loss[0]
+    # what the benchmark recomputes from a saved raw curve is, bit for bit, what the sweep smoothed
+    assert lr_finder.smooth(curve.loss, 0.9) == curve.smoothed_loss
+    assert lr_finder.smooth(curve.accuracy, 0.9) == curve.smoothed_accuracy
 
 
 def test_sweep_stops_at_a_non_finite_loss():

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from onecycle import picks
 from onecycle.errors import UserError
 
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
@@ -135,7 +136,7 @@ class LRFinderParams:
     step_mode: str = _param("exp", _choice("exp", "linear"))
     # min_loss stays the default: acc_drop (where the batch accuracy, smoothed over log LR, has lost half its gain)
     # lands on the plateau of full-data runs but 3x too high on make quick's 2,000 images (docs/lr-finder.md)
-    pick: str = _param("min_loss", _choice("min_loss", "min_loss_div10", "steepest", "max_acc", "acc_drop"))
+    pick: str = _param("min_loss", _choice(*picks.NAMES))
     min_div: float = _param(10.0, _number(1.0, lo_open=True))  # LRMIN = LRMAX / min_div
     smooth_beta: float = _param(0.98, _number(0.0, 1.0, hi_open=True))  # moving-average weight of the loss
     diverge_factor: float = _param(4.0, _number(1.0, lo_open=True))  # stop once smoothed loss > this x best
@@ -152,6 +153,9 @@ class TrainParams:
         (0.95, 0.85), _pair(_number(0.0, 1.0, hi_open=True), "a list of two numbers in [0, 1): [at LRMIN, at LRMAX]")
     )
     weight_decay: float = _param(5e-4, _number(0.0))
+    # training runs from the found LR range times this (1 keeps the spec: LRMIN and LRMAX as the range test found
+    # them); `make lr-check` trains 1/2, 1 and 2 to show where the found range stands
+    lr_scale: float = _param(1.0, _number(0.0, lo_open=True))
     nesterov: bool = _param(False, _boolean())  # Nesterov momentum (needs both momentum values > 0)
     # the training loss's label smoothing: the target puts this mass uniformly on all 10 classes (0 = none);
     # the range test sweeps with the same loss. Test loss is always plain cross-entropy

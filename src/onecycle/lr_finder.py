@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from onecycle import batches, training
-from onecycle.config import LRFinderParams, Params
+from onecycle import batches, picks, steps, training
+from onecycle.config import LRFinderParams, Params, TrainParams
 from onecycle.data import Dataset
 from onecycle.errors import UserError
 from onecycle.model import build_model
@@ -93,6 +93,16 @@ class LRRange:
         }
 
 
+def smooth(values: list[float], beta: float) -> list[float]:
+    """The bias-corrected moving average of `values` (weight `beta` on the past), as the sweep smooths its loss
+    and accuracy step by step: the first values are not pulled towards 0."""
+    average, out = 0.0, []
+    for i, value in enumerate(values):
+        average = beta * average + (1 - beta) * value
+        out.append(average / (1 - beta ** (i + 1)))
+    return out
+
+
 def sweep_lr(i: int, params: LRFinderParams) -> float:
     """LR of the i-th step (0-based) of the sweep: start_lr at 0, end_lr at num_iter - 1."""
     fraction = i / (params.num_iter - 1)
@@ -107,12 +117,12 @@ def range_test(
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
     params: LRFinderParams,
     *,
-    options: training.StepOptions | None = None,
+    options: steps.StepOptions | None = None,
     progress: bool = True,
 ) -> Curve:
     """Run the sweep on `model`, each step's forward pass and loss as training runs them (`options`), then put
     the model and optimizer back exactly as they were."""
-    options = options or training.StepOptions()
+    options = options or steps.StepOptions()
     model_state = copy.deepcopy(model.state_dict())
     optimizer_state = copy.deepcopy(optimizer.state_dict())
     was_training = model.training
@@ -160,90 +170,42 @@ def range_test(
     return Curve(lrs, losses, smoothed, accs, smoothed_accs, stop_reason, images)
 
 
-# Width of the Gaussian that smooths the batch accuracy over log10(LR), in decades (a factor 10**0.15 = 1.41
-# in LR either way). It has no lag, so the pick does not move with the sweep's length or smooth_beta, and it
-# is scale-free in LR. docs/lr-finder.md shows the picks for 0.1 and 0.2 too.
-ACC_SMOOTH_DECADES = 0.15
-
-PICKS = ("min_loss", "min_loss_div10", "steepest", "max_acc", "acc_drop")
-
-
-def smooth_over_log_lr(lr: np.ndarray, values: np.ndarray, decades: float) -> np.ndarray:
-    """`values` averaged with a Gaussian of `decades` standard deviation over log10(LR): centred, so no lag."""
-    x = np.log10(lr)
-    weights = np.exp(-0.5 * ((x[:, None] - x[None, :]) / decades) ** 2)
-    return weights @ values / weights.sum(axis=1)
-
-
-def accuracy_drop_lr(lr: np.ndarray, accuracy: np.ndarray, decades: float = ACC_SMOOTH_DECADES) -> float | None:
-    """The upper half-maximum point of the batch accuracy smoothed over log LR: the highest LR at which it
-    still held half of its gain from the start of the sweep to its peak (above it, it never does again). The
-    fresh network of the sweep is failing there, while the One Cycle reaches LRMAX with a network its warm-up
-    trained. Linear in log LR between the two steps around the crossing, so a small change of the curve moves
-    the pick a little, never a whole step. None when the accuracy never rose, or was still above half its gain
-    at the end of the sweep."""
-    smooth = smooth_over_log_lr(lr, accuracy, decades)
-    top = int(np.argmax(smooth))
-    level = (smooth[top] + smooth[0]) / 2
-    above = np.flatnonzero(smooth > level)  # none when the accuracy never rose (flat, to rounding, or falling)
-    if top == 0 or len(above) == 0 or above[-1] == len(lr) - 1:
-        return None
-    i = int(above[-1])  # the last step above half
-    x0, x1 = np.log10(lr[i]), np.log10(lr[i + 1])
-    t = (smooth[i] - level) / (smooth[i] - smooth[i + 1])
-    return float(10 ** (x0 + t * (x1 - x0)))
+def sweep_of(curve: Curve, params: LRFinderParams) -> picks.Sweep:
+    return picks.Sweep(
+        *(np.asarray(v, dtype=float) for v in (curve.lr, curve.loss, curve.smoothed_loss, curve.accuracy)),
+        np.asarray(curve.smoothed_accuracy, dtype=float),
+        params.num_iter,
+    )
 
 
 def pick_range(curve: Curve, params: LRFinderParams) -> LRRange:
-    """LRMAX by the rule `params.pick`, LRMIN = LRMAX / min_div; UserError when the curve shows no range."""
+    """LRMAX by the rule `params.pick` (picks.RULES), LRMIN = LRMAX / min_div; UserError when the curve shows no
+    range. A rule that finds nothing on the curve leaves LRMAX to min_loss, and `note` says why."""
     if not curve.lr:
         raise UserError(
             f"the LR range test saw a non-finite loss at its first step (LR {params.start_lr:g}): no range found; "
             "lower lr_finder.start_lr, or check the data"
         )
-    loss = np.asarray(curve.smoothed_loss)
-    lr = np.asarray(curve.lr)
+    sweep = sweep_of(curve, params)
+    loss, lr = sweep.smoothed_loss, sweep.lr
     best = int(np.argmin(loss))
-    seen = (
-        f"the smoothed loss went from {loss[0]:.4g} to {loss[best]:.4g} (lowest, at LR {lr[best]:.3g}) over "
-        f"{len(lr)} steps up to LR {lr[-1]:.3g}, which ended {curve.stop_reason}"
-    )
     if best < 2 or loss[best] >= loss[0]:
+        seen = (
+            f"the smoothed loss went from {loss[0]:.4g} to {loss[best]:.4g} (lowest, at LR {lr[best]:.3g}) over "
+            f"{len(lr)} steps up to LR {lr[-1]:.3g}, which ended {curve.stop_reason}"
+        )
         raise UserError(
             f"the loss never fell in the LR range test: {seen}. Lower lr_finder.start_lr, "
             "or raise lr_finder.num_iter so that the sweep has room to descend"
         )
-    note = ""
-    if params.pick == "acc_drop":
-        # docs/lr-finder.md: on the plateau of best test accuracy at widths 16 and 64, where min_loss was not
-        dropped = accuracy_drop_lr(lr, np.asarray(curve.accuracy))
-        if dropped is None:
-            lr_max = float(lr[best])
-            note = (
-                "acc_drop: the batch accuracy was still above half its gain when the sweep stopped (raise "
-                "lr_finder.end_lr to let it fall), or never rose, so LRMAX is min_loss's"
-            )
-        else:
-            lr_max = dropped
-    elif params.pick == "min_loss":
-        # Smith's upper bound: the LR where the loss stops falling. The smoothing lags, so its lowest point
-        # sits a little past the raw curve's: still below where the loss blows up.
-        lr_max = float(lr[best])
-    elif params.pick == "min_loss_div10":
-        lr_max = float(lr[best]) / 10  # a tenth of the LR at the lowest loss: still falling fast, not yet unstable
-    elif params.pick == "steepest":
-        # steepest fall of the smoothed loss against log(LR), before the lowest point
-        slope = np.gradient(loss[: best + 1], np.log(lr[: best + 1]))
-        lr_max = float(lr[int(np.argmin(slope))])
-    else:  # max_acc: the reference run's rule
-        acc = np.asarray(curve.smoothed_accuracy)
-        top = int(np.argmax(acc))
-        if top == 0:
-            raise UserError(
-                f"the accuracy never rose in the LR range test ({acc[0]:.1f}% at the start was the best; {seen}). "
-                "Lower lr_finder.start_lr or raise lr_finder.num_iter"
-            )
-        lr_max = float(lr[top])
+    lr_max, note = picks.RULES[params.pick].pick(sweep), ""
+    if lr_max is None:
+        lr_max = picks.min_loss(sweep)
+        note = (
+            f"{params.pick} found nothing on this curve (an accuracy that never rose, or, for acc_drop, that was "
+            "still above half its gain when the sweep stopped: raise lr_finder.end_lr to let it fall; or too few "
+            "steps for the rule), so LRMAX is min_loss's"
+        )
     return LRRange(
         lr_min=lr_max / params.min_div,
         lr_max=lr_max,
@@ -267,6 +229,11 @@ def read_range(path: Path) -> dict:
     return found
 
 
+def training_range(found: dict, train: TrainParams) -> tuple[float, float]:
+    """(LRMIN, LRMAX) that training runs with: the found range (read_range) times train.lr_scale."""
+    return found["lr_min"] * train.lr_scale, found["lr_max"] * train.lr_scale
+
+
 def find_range(
     params: Params, dataset: Dataset, device: torch.device, *, progress: bool = True
 ) -> tuple[Curve, LRRange]:
@@ -275,10 +242,10 @@ def find_range(
     # a batch size or peak epoch that training could not use stops here, before the sweep's work
     training.check_fits(params.train, len(dataset.train.labels))
     torch.manual_seed(params.train.seed)
-    options = training.StepOptions.of(params.train, device)  # precision, memory layout and loss of training
+    options = steps.StepOptions.of(params.train, device)  # precision, memory layout and loss of training
     model = options.place(build_model(params.model), device)
     # momentum of the One Cycle's peak: the sweep looks for the LR that is safe at LRMAX
-    optimizer = training.make_optimizer(model, params.train, params.lr_finder.start_lr, params.train.momentum[1])
+    optimizer = steps.make_optimizer(model, params.train, params.lr_finder.start_lr, params.train.momentum[1])
     loader = batches.TrainLoader(dataset, params.augment, params.train.batch_size, device)
     sweep_batches = loader.endless(seed=params.train.seed)
     curve = range_test(model, optimizer, sweep_batches, params.lr_finder, options=options, progress=progress)

@@ -19,7 +19,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from onecycle import outputs
+from onecycle import outputs, picks
 from onecycle.schedules import triangular_lr
 
 DPI = 110  # pixels per inch of every saved PNG: 8 x 5 inches -> 880 x 550 pixels
@@ -39,15 +39,6 @@ STYLE = {
     "axes.spines.top": False,
     "axes.spines.right": False,
     "lines.linewidth": 1.8,
-}
-
-# Human words for lr_finder.pick, for the range-test title.
-PICK_WORDS = {
-    "min_loss": "the LR at the lowest loss",
-    "min_loss_div10": "a tenth of the LR at the lowest loss",
-    "steepest": "steepest fall of the loss",
-    "max_acc": "highest accuracy",
-    "acc_drop": "where the batch accuracy has lost half its gain",
 }
 
 TRAIN_COLOR, TEST_COLOR = "tab:blue", "tab:orange"
@@ -155,7 +146,7 @@ def lr_range(
         more_handles, more_labels = acc_ax.get_legend_handles_labels()
         handles, labels = handles + more_handles, labels + more_labels
     fig.legend(handles, labels, loc="outside lower center", ncols=3)
-    words = PICK_WORDS.get(pick, pick)
+    words = picks.RULES[pick].words if pick in picks.RULES else pick
     ax.set_title(f"LR range test: LRMAX {lr_max:.3g} ({words}), LRMIN {lr_min:.3g}")
     return fig
 

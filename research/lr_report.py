@@ -1,0 +1,214 @@
+"""The LR-finder benchmark's report: every rule's pick on every sweep, read off the trained grids.
+
+    python -m research.lr_bench report [--out docs/results/lr_bench]
+
+For each setting of research/lr_bench.yaml (and `w64_full`, the spec's setting, whose grid and sweeps are the
+H200 record in docs/results/h200_gpu_run.json): the grid's mean test accuracy per LRMAX over its seeds, the
+best point and the noise (the larger of 0.3 points and the standard deviation of the best point's seeds).
+Each rule of `onecycle.picks.RULES` picks LRMAX on each seed's sweep; the accuracy that pick trains to is read
+off the grid's means, linearly in log LR between the two grid points around it. A rule is within noise in a
+setting when the mean of those accuracies over the seeds' sweeps is no lower than the best mean less the noise.
+A pick outside the grid is scored at the grid's edge when that edge is already out of noise (a miss, shown
+with < or >), else it is unknown (?).
+
+Writes --out/summary.json, --out/<setting>.png (accuracy against LRMAX, each seed, every rule's picks) and
+prints the markdown tables of docs/lr-finder.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from onecycle import outputs, picks
+from onecycle.config import LRFinderParams
+from onecycle.lr_finder import smooth
+from research.lr_bench import ROOT, grid_means, load_results, read_bench
+
+NOISE_FLOOR = 0.3  # points of test accuracy
+H200 = ROOT / "docs/results/h200_gpu_run.json"
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    grid: dict[float, list[float]]  # LRMAX -> test accuracy per seed
+    sweeps: dict[str, picks.Sweep]  # "s0", "s1", "s0-isa_default", ...
+    note: str = ""
+
+    def means(self) -> dict[float, float]:
+        return {lr: statistics.fmean(accs) for lr, accs in sorted(self.grid.items())}
+
+    def best(self) -> tuple[float, float, float]:
+        """(LRMAX, mean, noise) of the best grid point."""
+        lr, mean = max(self.means().items(), key=lambda kv: kv[1])
+        spread = statistics.stdev(self.grid[lr]) if len(self.grid[lr]) > 1 else 0.0
+        return lr, mean, max(NOISE_FLOOR, spread)
+
+    def accuracy_at(self, lr: float) -> tuple[float, str]:
+        """The grid's mean accuracy at `lr` (log-linear between grid points) and '' inside the grid, '<' or '>'
+        past an edge (the edge's value), '?' past an edge that is itself within noise."""
+        means = self.means()
+        lrs, accs = np.log10(list(means)), list(means.values())
+        x = math.log10(lr)
+        if lrs[0] <= x <= lrs[-1]:
+            return float(np.interp(x, lrs, accs)), ""
+        edge, mark = (accs[0], "<") if x < lrs[0] else (accs[-1], ">")
+        _, best, noise = self.best()
+        return edge, (mark if edge < best - noise else "?")
+
+
+def sweep_from(lr: list, loss: list, accuracy: list, params: LRFinderParams) -> picks.Sweep:
+    """A saved curve as the rules read it (the moving averages recomputed as the range test computes them)."""
+    return picks.Sweep(
+        np.asarray(lr, float),
+        np.asarray(loss, float),
+        np.asarray(smooth(loss, params.smooth_beta), float),
+        np.asarray(accuracy, float),
+        np.asarray(smooth(accuracy, params.smooth_beta), float),
+        params.num_iter,
+    )
+
+
+def bench_settings(out: Path, config: Path) -> list[Setting]:
+    from onecycle.config import parse_params, read_yaml
+    from onecycle.experiments import apply_overrides
+
+    bench = read_bench(config)
+    results = load_results(out)
+    base = read_yaml((ROOT / "params.yaml").read_text())
+    found = []
+    for s in bench.settings:
+        done = results.get(s.name, {})
+        params = parse_params(apply_overrides(base, bench.shared | s.overrides)).lr_finder
+        sweeps = {
+            name.removeprefix("sweep-"): sweep_from(
+                r["curve"]["lr"], r["curve"]["loss"], r["curve"]["accuracy"], params
+            )
+            for name, r in done.items()
+            if r["kind"] == "sweep"
+        }
+        grid = grid_means(done)
+        if grid and sweeps:
+            found.append(Setting(s.name, grid, sweeps))
+    return found
+
+
+def h200_setting() -> Setting:
+    """Width 64, all 50,000 images, batch 512, 24 epochs: the H200's grid (one seed) and its two default sweeps."""
+    run = json.loads(H200.read_text())
+    grid = {run["range_test"]["default"]["lr_max"]: [run["fast"]["test_acc"]]}
+    for entry in run["fast_more"].values():
+        grid[entry["lr_max"]] = [entry["test_acc"]]
+    sweeps = {}
+    for name in ("default", "max_acc"):  # the same sweep design and seed twice (GPU kernels are not bit-exact)
+        rows = run["range_test"][name]["curve"]
+        _, lr, loss, _, acc, _ = (list(c) for c in zip(*rows, strict=True))
+        sweeps[name] = sweep_from(lr, loss, acc, LRFinderParams())
+    return Setting("w64_full", grid, sweeps, "H200, bf16, seed 0: one run per LRMAX")
+
+
+def evaluate(setting: Setting, rules: dict[str, picks.Rule]) -> dict:
+    """Per rule: each base sweep's pick and the accuracy it reads, their mean and the verdict; per kernel
+    variant, the factor between its pick and the same seed's base pick."""
+    best_lr, best, noise = setting.best()
+    base = {k: v for k, v in setting.sweeps.items() if "-" not in k}
+    table = {}
+    for name, rule in rules.items():
+        chosen = {k: rule.pick(sweep) for k, sweep in base.items()}
+        read = {k: setting.accuracy_at(lr) for k, lr in chosen.items() if lr is not None}
+        marks = {mark for _, mark in read.values()}
+        mean = statistics.fmean(acc for acc, _ in read.values()) if read else None
+        verdict = "?" if mean is None or "?" in marks else ("within" if mean >= best - noise else "miss")
+        factors = {}
+        for key, sweep in setting.sweeps.items():
+            seed, _, variant = key.partition("-")
+            if variant and chosen.get(seed) and (lr := rule.pick(sweep)):
+                factors[key] = lr / chosen[seed]
+        table[name] = {
+            "picks": chosen,
+            "accuracy": {k: acc for k, (acc, _) in read.items()},
+            "marks": sorted(marks - {""}),
+            "mean_accuracy": mean,
+            "verdict": verdict,
+            "variant_factors": factors,
+        }
+    return {
+        "grid": {str(lr): accs for lr, accs in sorted(setting.grid.items())},
+        "best": {"lr_max": best_lr, "mean": best, "noise": noise},
+        "note": setting.note,
+        "rules": table,
+    }
+
+
+def plot(setting: Setting, summary: dict, path: Path, shown: tuple[str, ...]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 5), dpi=110)
+    ax = fig.add_subplot()
+    for lr, accs in sorted(setting.grid.items()):
+        ax.scatter([lr] * len(accs), accs, color="0.5", s=14, zorder=3)
+    means = setting.means()
+    ax.plot(list(means), list(means.values()), color="black", label="grid: mean over seeds (dots: seeds)")
+    best = summary["best"]
+    ax.axhspan(best["mean"] - best["noise"], best["mean"], color="gold", alpha=0.3, label="within noise of the best")
+    colors = matplotlib.colormaps["tab10"].colors
+    for i, name in enumerate(shown):
+        for j, lr in enumerate(v for v in summary["rules"][name]["picks"].values() if v):
+            ax.axvline(lr, color=colors[i % 10], ls="--" if i >= 10 else "-", lw=1.2, label=name if j == 0 else None)
+    ax.set_xscale("log")
+    ax.set_xlabel("LRMAX (log scale; LRMIN = LRMAX / 10)")
+    ax.set_ylabel("test accuracy (%, all 10,000 test images)")
+    ax.set_title(f"{setting.name}: accuracy against LRMAX, and each rule's pick per sweep")
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    outputs.write_bytes(path, _png(fig))
+
+
+def _png(fig) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def markdown(summaries: dict[str, dict], rules: tuple[str, ...]) -> str:
+    lines = ["| rule | " + " | ".join(summaries) + " | within |", "|---" * (len(summaries) + 2) + "|"]
+    for name in rules:
+        cells, wins = [], 0
+        for summary in summaries.values():
+            r = summary["rules"][name]
+            lrs = [v for v in r["picks"].values() if v]
+            pick = statistics.geometric_mean(lrs) if lrs else float("nan")
+            mark = "".join(r["marks"])
+            acc = "-" if r["mean_accuracy"] is None else f"{mark}{r['mean_accuracy']:.2f}"
+            sign = {"within": "**ok**", "miss": "miss", "?": "?"}[r["verdict"]]
+            wins += r["verdict"] == "within"
+            cells.append(f"{pick:.3g} {acc} {sign}")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {wins}/{len(summaries)} |")
+    head = ["| setting | best LRMAX | best mean | noise | grid (LRMAX: mean over seeds) |", "|---|---|---|---|---|"]
+    for setting, s in summaries.items():
+        grid = ", ".join(f"{float(lr):.3g}: {statistics.fmean(a):.2f} (n={len(a)})" for lr, a in s["grid"].items())
+        b = s["best"]
+        head.append(f"| {setting} | {b['lr_max']:.3g} | {b['mean']:.2f} | {b['noise']:.2f} | {grid} |")
+    return "\n".join(head) + "\n\n" + "\n".join(lines)
+
+
+def report(args) -> dict:
+    settings = [h200_setting(), *bench_settings(args.out, args.config)]
+    rules = dict(picks.RULES)
+    summaries = {s.name: evaluate(s, rules) for s in settings}
+    for s in settings:
+        plot(s, summaries[s.name], args.out / f"{s.name}.png", tuple(rules))
+    outputs.write_json(args.out / "summary.json", summaries)
+    print(markdown(summaries, tuple(rules)))
+    return summaries
