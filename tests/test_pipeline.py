@@ -114,7 +114,7 @@ def test_the_training_run_is_in_the_mlflow_store(repo):
     assert all(key.startswith("range/") for key in range_run.data.metrics)
     assert not any(key.startswith("range/") for key in run.data.metrics)
     assert " · range test · w4 · " in range_run.info.run_name
-    assert range_run.data.tags["mlflow.source.name"] == "stages/lr_range_test.py"
+    assert range_run.data.tags["mlflow.source.name"] == "stages/find_lr_range.py"
     assert range_run.data.tags["mlflow.note.content"].startswith(f"**LR range {found['lr_min']:.4g} - ")
 
 
