@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import PLOTS, pipeline_repo
+from conftest import PLOTS, tiny_repo
 from mlflow.tracking import MlflowClient
 
 from onecycle.model import CustomResNet
@@ -43,7 +43,7 @@ def ran(result: subprocess.CompletedProcess) -> list[str]:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, small_archive) -> Path:
-    return pipeline_repo(tmp_path_factory.mktemp("repo"), small_archive, width=4)
+    return tiny_repo(tmp_path_factory.mktemp("repo"), small_archive, width=4)
 
 
 def mlflow_runs(repo: Path, stage: str):
