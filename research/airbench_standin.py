@@ -29,14 +29,12 @@ import hashlib
 import importlib
 import importlib.util
 import os
-import platform
 import sys
 import tarfile
 import tempfile
 import time
 import traceback
 import types
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -47,7 +45,6 @@ from onecycle.errors import UserError
 from research import study
 from scripts.experiments import (
     apply_overrides,
-    git_commit,
     parse_override,
     read_params,
     seeds_summary,
@@ -191,19 +188,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         loaders = export(dataset, tmp / "export").parent
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        results: dict = {
-            "tool": "research/airbench_standin.py",
-            "argv": sys.argv[1:],
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "mode": "warm",
-            "device": device_name(device),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "cpu_count": os.cpu_count(),
-            "commit": args.commit or git_commit()["commit"],
-            "params_file": str(args.params),
-            "set": shared,
-            "deadline_seconds": args.deadline,
+        results = study.header("research/airbench_standin.py", args, "warm", device_name(device), shared) | {
             "settings": [{"name": SETTING, "overrides": {}, "lr_max": None, "seeds": list(seeds)}],
             "data": {
                 folder.name: {
@@ -258,10 +243,9 @@ def run(args: argparse.Namespace) -> int:
             durations = []
             for seed in seeds:
                 left = args.deadline - (time.perf_counter() - began)
-                estimate = sum(durations) / len(durations) if durations else 0.0
-                if estimate > left:
-                    reason = f"needs about {estimate:.0f} s, {max(left, 0):.0f} s left"
-                    results["runs"].append(record(seed, status="skipped", reason=reason))
+                late = study.too_late(sum(durations) / len(durations) if durations else 0.0, left)
+                if late:
+                    results["runs"].append(record(seed, status="skipped", reason=late))
                     save()
                     continue
                 start = time.perf_counter()

@@ -339,6 +339,29 @@ def profile(params: Params, lr_min: float, lr_max: float, dataset: data.Dataset,
     )
 
 
+def too_late(estimate: float, left: float) -> str | None:
+    """Why a run of about `estimate` seconds does not start with `left` seconds to the deadline; None: it starts."""
+    return f"needs about {estimate:.0f} s, {max(left, 0):.0f} s left" if estimate > left else None
+
+
+def header(tool: str, args: argparse.Namespace, mode: str, device: str, shared: dict) -> dict[str, Any]:
+    """The head of a study's JSON: the tool and its arguments, when, where, at which commit, from which params."""
+    return {
+        "tool": tool,
+        "argv": sys.argv[1:],
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "mode": mode,
+        "device": device,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "commit": args.commit or git_commit()["commit"],
+        "params_file": str(args.params),
+        "set": shared,
+        "deadline_seconds": args.deadline,
+    }
+
+
 def summary_of(records: list[dict], runs: list[Run], default_device: str) -> dict:
     """Per setting, in the format of reports/seeds.json (n, median, mean, min, max, std of test_acc, device,
     width, runs), with the counts of skipped and failed runs."""
@@ -391,24 +414,9 @@ def study(args: argparse.Namespace) -> int:
         first_device = distributed.resolve_device(runs[0].params.train.device)
     except UserError:  # that run will fail and say why; the others still run
         first_device = distributed.resolve_device("auto")
-    commit = args.commit or git_commit()["commit"]
-    results: dict[str, Any] = {
-        "tool": "research/study.py",
-        "argv": sys.argv[1:],
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "mode": "fresh" if args.fresh else "warm",
-        "device": device_name(first_device),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "commit": commit,
-        "params_file": str(params_path),
-        "set": shared,
-        "deadline_seconds": args.deadline,
-        "settings": [dataclasses.asdict(s) for s in settings],
-        "data": {},
-        "runs": [],
-    }
+    results = header("research/study.py", args, "fresh" if args.fresh else "warm", device_name(first_device), shared)
+    results |= {"settings": [dataclasses.asdict(s) for s in settings], "data": {}, "runs": []}
+    commit = results["commit"]
 
     def save() -> None:
         results["summary"] = summary_of(results["runs"], runs, results["device"])
@@ -454,9 +462,9 @@ def study(args: argparse.Namespace) -> int:
                 "commit": commit,
             }
             past = durations.get(name) or [d for ds in durations.values() for d in ds]
-            estimate = sum(past) / len(past) if past else 0.0
-            if estimate > left():
-                record |= {"status": "skipped", "reason": f"needs about {estimate:.0f} s, {max(left(), 0):.0f} s left"}
+            late = too_late(sum(past) / len(past) if past else 0.0, left())
+            if late:
+                record |= {"status": "skipped", "reason": late}
                 results["runs"].append(record)
                 save()
                 print(f"{name} seed {run.seed}: skipped ({record['reason']})", flush=True)
@@ -497,9 +505,10 @@ def study(args: argparse.Namespace) -> int:
                 results["profile"] = {"skipped": "no run finished"}
             else:
                 run, record = done[0]
-                estimate = 3 * 2 * record["fit_seconds"] / run.params.train.epochs + 10  # profiler overhead
-                if estimate > left():
-                    results["profile"] = {"skipped": f"needs about {estimate:.0f} s, {max(left(), 0):.0f} s left"}
+                # 2 epochs unprofiled and 2 profiled, at up to twice the cost, and 10 s of the profiler's own
+                late = too_late(3 * 2 * record["fit_seconds"] / run.params.train.epochs + 10, left())
+                if late:
+                    results["profile"] = {"skipped": late}
                 else:
                     device = distributed.resolve_device(run.params.train.device)
                     dataset = datasets.get(folders[id(run)]) or data.load(folders[id(run)])
