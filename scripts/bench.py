@@ -1,24 +1,31 @@
 """`make bench`: the project's speed against plain baselines, each pair measured side by side in this run.
 
-    python scripts/bench.py [--out reports/benchmark.json] [--width 16] [--batch-size 256] [--steps 4] [--no-repro]
+    python -m scripts.bench [--out reports/benchmark.json] [--width 16] [--batch-size 256] [--steps 4] [--no-repro]
+        [--decode ARCHIVE]
 
 1. Training step throughput (images/s): the project's epoch loop (tensor augmentation on the device,
    channels_last, `training.train_one_epoch`) against a plain baseline of the same network (float32, NCHW,
    eager, a torch DataLoader applying albumentations image by image), alternating, best of --repeat.
-2. Augmentation throughput: the tensor backend against albumentations per image (scripts/bench_augment.py).
+2. Augmentation throughput, per core (1 torch thread, as albumentations runs on one): the tensor backend in
+   batches of 512 as training runs it (from the dataset padded once) and on one whole batch, against
+   albumentations image by image, on the same 5,000 random images, best of 3 after a warm-up, taking turns.
 3. The LR range test's cost in training images against the reference's 20 epochs of 50,000.
 4. `dvc repro` of the whole pipeline at a tiny size (width 4, 200 images, 2 epochs) in a temporary git
    repository: its wall time, each stage's process, DVC's own share, the part after the download stage, and a
    `dvc repro` that has nothing to do (skipped, and said so, with --no-repro or where DVC is not installed).
-   scripts/device_pipeline.py times the real-size run on a GPU the same way.
-On CUDA it adds the steps' seconds per epoch of 50,000 images and the model FLOP utilisation against
-2.28 GFLOP per training image (forward + backward) and the GPU's bf16 peak (PEAK_TFLOPS in the environment).
+   device/pipeline.py times the real-size run on a GPU the same way.
+5. With --decode ARCHIVE: the download_cifar stage's work on that local archive, the download excluded: the md5
+   check, the decode (gunzip, tar checks, records -> NHWC arrays, channel statistics) and the writing of the
+   .npy files, each the best of --repeat.
+On CUDA it adds the steps' seconds per epoch of 50,000 images and the model FLOP rate (2.28 GFLOP per training
+image at width 64, forward + backward), with its utilisation of the GPU's bf16 peak when PEAK_TFLOPS is set.
 Prints a Markdown table and writes the figures to --out.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -26,23 +33,21 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_augment  # noqa: E402
-import device_pipeline  # noqa: E402
+from onecycle import augment, batches, data, training
+from onecycle.augment_tensor import TensorAugment, to_nchw
+from onecycle.config import IMAGE_SIZE, AugmentParams, DataParams, Params, TrainParams
+from onecycle.data import Dataset, Split
+from onecycle.model import CustomResNet
+from scripts.measure import flop_rate
+from scripts.pipeline_repo import ROOT, cifar_members, pipeline_repo, shim_env, timed_repro, write_archive
 
-from onecycle import augment, batches, data, training  # noqa: E402
-from onecycle.config import AugmentParams, Params, TrainParams  # noqa: E402
-from onecycle.data import Dataset, Split  # noqa: E402
-from onecycle.model import CustomResNet, training_flop  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_IMAGES = 20 * 50_000  # the reference's range test: 20 one-epoch trainings
 
 
@@ -129,15 +134,74 @@ def train_step_throughput(width: int, batch_size: int, steps: int, repeat: int, 
     if device.type == "cuda":
         seconds_per_epoch = 50_000 / rate["project"]
         peak = float(os.environ.get("PEAK_TFLOPS", "0") or 0)
-        result |= {
-            "seconds_per_epoch_of_50000": seconds_per_epoch,
-            "seconds_for_24_epochs": 24 * seconds_per_epoch,
-            # FLOP scale with width squared (channels in x channels out per convolution)
-            "achieved_tflops": rate["project"] * training_flop(width) / 1e12,
-        }
-        if peak:
-            result["model_flop_utilisation"] = result["achieved_tflops"] / peak
+        result |= {"seconds_per_epoch_of_50000": seconds_per_epoch, "seconds_for_24_epochs": 24 * seconds_per_epoch}
+        result |= flop_rate(n, best["project"], width, {"datasheet": peak} if peak else {})
     return result
+
+
+def best_of(repeat: int, fn: Callable[[], object]) -> tuple[float, object]:
+    """The fastest of `repeat` timed calls of fn (seconds), and its last result."""
+    times, result = [], None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return min(times), result
+
+
+def augmentation(n_images: int = 5000, repeat: int = 3, batch_size: int = 512) -> dict:
+    """Images/s of both augmentation backends on one random uint8 batch, one torch thread, best of `repeat`
+    after a warm-up, the backends taking turns so that both see the same load."""
+    images = np.random.default_rng(0).integers(0, 256, (n_images, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    mean, std = data.channel_stats(images)
+    params = AugmentParams()
+    transform = augment.train_transform(params, mean, std, seed=0)
+    augmenter = TensorAugment(params, mean, std)
+    nchw = to_nchw(images)  # converted once beforehand, as the fast path keeps its dataset
+    stored = augmenter.store(images)  # padded once for all epochs, as TensorAugment.store keeps it in training
+    generator = torch.Generator().manual_seed(0)
+    runs = {
+        "albumentations": lambda: augment.augment_batch(transform, images),
+        "tensor": lambda: augmenter(nchw, generator),
+        "tensor_batched": lambda: [
+            augmenter(stored[i : i + batch_size], generator, padded=True) for i in range(0, n_images, batch_size)
+        ],
+    }
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # per core: albumentations runs on one
+    try:
+        best = dict.fromkeys(runs, float("inf"))
+        for attempt in range(repeat + 1):  # attempt 0 is the warm-up
+            for name, run in runs.items():
+                seconds, _ = best_of(1, run)
+                if attempt:
+                    best[name] = min(best[name], seconds)
+    finally:
+        torch.set_num_threads(threads)
+    rate = {name: n_images / seconds for name, seconds in best.items()}  # images per second
+    return {
+        "n_images": n_images,
+        "repeat": repeat,
+        "threads": 1,
+        "batch_size": batch_size,
+        "albumentations_images_per_s": rate["albumentations"],
+        "tensor_images_per_s": rate["tensor"],
+        "ratio": rate["tensor"] / rate["albumentations"],
+        "tensor_batched_images_per_s": rate["tensor_batched"],
+        "batched_ratio": rate["tensor_batched"] / rate["albumentations"],
+    }
+
+
+def decode(archive: Path, repeat: int) -> dict:
+    """The download_cifar stage's work on a local archive, the download excluded (seconds, best of `repeat`)."""
+    md5_s, md5 = best_of(repeat, lambda: hashlib.md5(archive.read_bytes()).hexdigest())
+    decode_s, dataset = best_of(repeat, lambda: data.decode_archive(archive, DataParams(url=str(archive), md5=md5)))
+    with tempfile.TemporaryDirectory() as tmp:
+        meta = {"classes": list(dataset.classes), "mean": list(dataset.mean), "std": list(dataset.std)}
+        write_s, _ = best_of(repeat, lambda: data.write_arrays(dataset, Path(tmp), meta))
+    images = len(dataset.train.labels) + len(dataset.test.labels)
+    seconds = {"md5_seconds": md5_s, "decode_seconds": decode_s, "write_seconds": write_s}
+    return {"archive": str(archive), "images": images, "repeat": repeat, **seconds, "seconds": sum(seconds.values())}
 
 
 def range_test_cost() -> dict:
@@ -153,31 +217,21 @@ def range_test_cost() -> dict:
 
 def repro_timing(repeat: int) -> dict | None:
     """`dvc repro` of the whole pipeline at a tiny size in a temporary git repo, timed from outside, each stage's
-    process timed by a `python` shim (scripts/device_pipeline.py); then the best of `repeat` runs with nothing
-    to do. None without DVC."""
+    process timed by a `python` shim; then the best of `repeat` runs with nothing to do. None without DVC."""
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("MLFLOW_TRACKING_URI", None)  # the temporary repo's own mlflow.db
     if shutil.which("dvc", path=env["PATH"]) is None:
         return None
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import cifar_members, write_archive
-
+    tiny = {"model.width": 4, "train.epochs": 2, "lr_finder.num_iter": 10}
+    sizes = {"train_images": 200, "test_images": 50} | tiny
     with tempfile.TemporaryDirectory() as tmp:
-        repo = Path(tmp) / "repo"
-        repo.mkdir()
-        md5 = write_archive(repo / "cifar.tar.gz", cifar_members(train=200, test=50))
-        for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
-            shutil.copy(ROOT / name, repo / name)
-        for folder in ("stages", "src", ".dvc"):
-            shutil.copytree(ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("tmp", "cache", "__pycache__"))
-        params = yaml.safe_load((ROOT / "params.yaml").read_text())
-        params["data"].update(url=str(repo / "cifar.tar.gz"), md5=md5)
-        params["model"]["width"] = 4
-        params["lr_finder"].update(num_iter=10, start_lr=1e-3)
-        params["train"].update(epochs=2, peak_epoch=1, batch_size=64, device="cpu")
-        (repo / "params.yaml").write_text(yaml.safe_dump(params))
+        archive = Path(tmp) / "cifar.tar.gz"
+        md5 = write_archive(archive, cifar_members(train=sizes["train_images"], test=sizes["test_images"]))
+        overrides = tiny | {"data.url": str(archive), "data.md5": md5, "lr_finder.start_lr": 1e-3}
+        overrides |= {"train.peak_epoch": 1, "train.batch_size": 64, "train.device": "cpu"}
+        repo = pipeline_repo(Path(tmp) / "repo", overrides)
         times = Path(tmp) / "stage_times.txt"
-        env["PATH"] = f"{device_pipeline.stage_shim(Path(tmp) / 'shim', times)}{os.pathsep}{env['PATH']}"
+        env = shim_env(Path(tmp) / "shim", times, env)
         # the copy's library, as in a clean checkout (ahead of any PYTHONPATH: carried packages on a device)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo / "src"), os.environ.get("PYTHONPATH")]))
 
@@ -185,15 +239,9 @@ def repro_timing(repeat: int) -> dict | None:
             subprocess.run(args, cwd=repo, env=env, check=True, capture_output=True)
             return 0
 
-        sh("git", "init", "-q")
-        result = device_pipeline.timed_repro([], times, lambda command: sh(*command))
-        times_noop = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            sh("dvc", "repro")
-            times_noop.append(time.perf_counter() - start)
-        sizes = {"train_images": 200, "test_images": 50, "model.width": 4, "train.epochs": 2, "lr_finder.num_iter": 10}
-        return result | {"sizes": sizes, "noop_seconds": min(times_noop)}
+        result = timed_repro([], times, lambda command: sh(*command))
+        noop, _ = best_of(repeat, lambda: sh("dvc", "repro"))
+        return result | {"sizes": sizes, "noop_seconds": noop}
 
 
 def main() -> None:
@@ -204,13 +252,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="steps per timed run")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--no-repro", action="store_true", help="skip the `dvc repro` timing")
+    parser.add_argument("--decode", type=Path, metavar="ARCHIVE", help="also time download_cifar's work on it")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     step = train_step_throughput(args.width, args.batch_size, args.steps, args.repeat, device)
-    aug = bench_augment.measure(n_images=5000, repeat=3, threads=1, batch_size=512)
+    aug = augmentation()
     cost = range_test_cost()
     repro = None if args.no_repro else repro_timing(repeat=3)
+    decoded = args.decode and decode(args.decode, repeat=3)
     results = {
         "device": str(device),
         "train_step": step,
@@ -218,6 +268,7 @@ def main() -> None:
         "range_test": cost,
         "noop_repro_seconds": repro and repro["noop_seconds"],
         "repro": repro,
+        "decode": decoded,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
@@ -250,6 +301,10 @@ def main() -> None:
         print(f"| - DVC's own share (s) | | {repro['dvc_seconds']:.2f} | |")
         print(f"| - after the download stage (s) | | {repro['after_download_seconds']:.2f} | |")
         print(f"| `dvc repro` with nothing to do (s) | | {repro['noop_seconds']:.2f} | |")
+    if decoded:
+        what = f"download_cifar's work on {decoded['images']:,} images, best of {decoded['repeat']} (s)"
+        print(f"| {what}: md5, decode, write .npy | | {decoded['md5_seconds']:.2f}, {decoded['decode_seconds']:.2f}, "
+              f"{decoded['write_seconds']:.2f}: {decoded['seconds']:.2f} | |")  # fmt: skip
     if "seconds_per_epoch_of_50000" in step:
         print(f"| seconds per epoch of 50,000 | | {step['seconds_per_epoch_of_50000']:.2f} | |")
     print(f"wrote {args.out}")

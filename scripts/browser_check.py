@@ -6,8 +6,8 @@ driven by playwright) on the pages the README sends a user to. It saves one scre
 naming what it missed, when the runs view does not list the training runs with their metrics, shows a
 range-test run, or when the charts hold a range-test curve.
 
-    python scripts/browser_check.py --out docs/screenshots                 # params.yaml's data.url (internet)
-    python scripts/browser_check.py --archive /path/cifar-10-binary.tar.gz --out /tmp/shots  # a local copy
+    python -m scripts.browser_check --out docs/screenshots                 # params.yaml's data.url (internet)
+    python -m scripts.browser_check --archive /path/cifar-10-binary.tar.gz --out /tmp/shots  # a local copy
 """
 
 from __future__ import annotations
@@ -29,12 +29,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from mlflow.tracking import MlflowClient
 
+from onecycle.errors import UserError
 from onecycle.tracking import EXPERIMENT, RANGE_EXPERIMENT, VIEW_KEY
+from scripts.experiments import tool_main
+from scripts.pipeline_repo import ROOT, pipeline_repo
 
-ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"  # Debian's package; playwright's own browser download is not needed
 CHROMIUM_ARGS = [
     "--headless",
@@ -52,11 +53,8 @@ TALL = {"width": 1600, "height": 1400}  # pixels: the chart pages, two rows of c
 # range-test experiment holds two runs that must stay out of the training experiment's views.
 RUNS = {"quick-seed0": {}, "quick-seed1": {"train.seed": 1}}
 # Tiny, for a CPU: both runs took 609 s on a busy 2-core machine (load average 6 to 12), at 2,000 images.
-QUICK = {
-    "model": {"width": 8},
-    "lr_finder": {"num_iter": 30, "start_lr": 1e-4, "end_lr": 1.0},
-    "train": {"epochs": 4, "peak_epoch": 1, "batch_size": 128, "device": "cpu"},
-}
+QUICK = {"model.width": 8, "lr_finder.num_iter": 30, "lr_finder.start_lr": 1e-4, "lr_finder.end_lr": 1.0}
+QUICK |= {"train.epochs": 4, "train.peak_epoch": 1, "train.batch_size": 128, "train.device": "cpu"}
 CHART_METRICS = ("lr", "momentum", "test_acc", "train_acc", "test_loss", "train_loss")
 
 
@@ -78,27 +76,13 @@ def sh(cwd: Path, *args: str) -> str:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # `python` in dvc.yaml: this one
     done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
-        sys.exit(f"error: {' '.join(args)} failed in {cwd}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        raise UserError(f"{' '.join(args)} failed in {cwd}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return done.stdout
 
 
 def make_repo(work: Path, data: dict) -> Path:
     """A git repository with this pipeline, its params made quick, and `data` (url, md5, limits) set."""
-    repo = work / "repo"
-    repo.mkdir(parents=True)
-    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy(ROOT / name, repo / name)
-    for folder in ("stages", "src", ".dvc"):
-        shutil.copytree(ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("tmp", "cache", "__pycache__"))
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for section, values in {"data": data, **QUICK}.items():
-        params[section].update(values)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh(repo, "git", "init", "-q")
-    sh(repo, "git", "config", "user.email", "browser-check@example.com")
-    sh(repo, "git", "config", "user.name", "browser check")
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "pipeline")
+    repo = pipeline_repo(work / "repo", QUICK | {f"data.{key}": value for key, value in data.items()})
     for name, changes in RUNS.items():
         sets = [arg for key, value in changes.items() for arg in ("-S", f"{key}={value}")]
         sh(repo, "dvc", "exp", "run", "-n", name, *sets)
@@ -130,7 +114,8 @@ def mlflow_ui(repo: Path) -> Iterator[str]:
                     break
             except OSError:
                 if proc.poll() is not None or time.time() > deadline:
-                    sys.exit(f"error: mlflow ui did not start:\n{(repo / 'mlflow-ui.log').read_text()[-3000:]}")
+                    log_text = (repo / "mlflow-ui.log").read_text()[-3000:]
+                    raise UserError(f"mlflow ui did not start:\n{log_text}") from None
                 time.sleep(0.5)
         yield url
     finally:
@@ -225,7 +210,8 @@ def check(repo: Path, out: Path) -> Seen:
     return seen
 
 
-def main() -> None:
+@tool_main
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archive", help="CIFAR-10 binary archive (path or URL); default: params.yaml's data.url")
     parser.add_argument("--md5", help="the archive's md5 (default: computed from the local file)")
@@ -238,12 +224,12 @@ def main() -> None:
     if args.archive:
         archive = Path(args.archive).expanduser()
         if not args.md5 and not archive.is_file():
-            sys.exit(f"error: --archive {args.archive}: no such file (a URL needs --md5)")
+            raise UserError(f"--archive {args.archive}: no such file (a URL needs --md5)")
         md5 = args.md5 or hashlib.md5(archive.read_bytes()).hexdigest()
         data |= {"url": str(archive.resolve()) if archive.is_file() else args.archive, "md5": md5}
     if not Path(CHROMIUM).exists():
-        sys.exit(
-            f"error: no {CHROMIUM}: install Debian's chromium (`apt-get install chromium`), or run `make browser-check`"
+        raise UserError(
+            f"no {CHROMIUM}: install Debian's chromium (`apt-get install chromium`), or run `make browser-check`"
         )
 
     work = Path(tempfile.mkdtemp(prefix="browser-check-"))
@@ -260,8 +246,10 @@ def main() -> None:
     print(f"screenshots in {args.out}: {', '.join(seen.screenshots)}")
     print(f"training runs: {seen.run_names}; range-test runs (in {RANGE_EXPERIMENT}): {seen.range_names}")
     if seen.problems:
-        sys.exit("error: " + "; ".join(seen.problems))
+        print("error: " + "; ".join(seen.problems), file=sys.stderr)
+        return 1
     print(f"browser check passed in {time.time() - started:.0f} s")
+    return 0
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 A table, and the median and spread of the test accuracy in reports/seeds.json.
 
-    python scripts/seeds.py [-n 5] [-S KEY=VALUE]... [--group NAME] [--out reports/seeds.json]
+    python -m scripts.seeds [-n 5] [-S KEY=VALUE]... [--group NAME] [--out reports/seeds.json]
     make seeds N=5 SET="-S model.width=16"
 
 First `dvc repro download_cifar` (nothing to do when the data is up to date). Then, one seed after another,
@@ -35,10 +35,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from onecycle import distributed, outputs
-from onecycle.config import Params, parse_params, read_yaml
+from onecycle.config import Params, parse_params
 from onecycle.errors import UserError
-from onecycle.experiments import apply_overrides, device_name, parse_override, seeds_summary
-from onecycle.tracking import Tracker, git_commit, repo_root
+from onecycle.tracking import Tracker, repo_root
+from scripts.experiments import apply_overrides, git_commit, parse_override, read_params, seeds_summary, tool_main
+from scripts.measure import device_name
 
 STAGE = "train_one_cycle"
 
@@ -56,10 +57,7 @@ def check_overrides(texts: list[str], params_path: Path, seeds: range) -> tuple[
                 f"-S {key}: make seeds sets train.seed itself and trains on the workspace's data/cifar10; "
                 "change data.* in params.yaml (then the experiments download nothing of their own)"
             )
-    try:
-        raw = read_yaml(params_path.read_text())
-    except OSError as exc:
-        raise UserError(f"no params file at {params_path} ({exc}): run from the repository root") from None
+    raw = read_params(params_path, "params file")
     checked = [parse_params(apply_overrides(raw, overrides | {"train.seed": seed})) for seed in seeds]
     return overrides, checked[0]
 
@@ -110,7 +108,7 @@ def run_seeds(args: argparse.Namespace) -> int:
         "device": device_name(distributed.resolve_device(params.train.device)),
         "width": params.model.width,
         "group": group,
-        "commit": git_commit(),
+        **git_commit(),
         "overrides": overrides,
         "epochs": params.train.epochs,
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -154,7 +152,8 @@ def run_seeds(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def main() -> None:
+@tool_main
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=5, help="seeds 0..n-1 (default 5)")
     parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help="as dvc exp run -S")
@@ -164,14 +163,10 @@ def main() -> None:
     if args.n < 1:
         parser.error("-n must be at least 1")
     try:
-        status = run_seeds(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        return run_seeds(args)
     except subprocess.CalledProcessError as exc:
         print(f"error: {' '.join(exc.cmd[1:])} failed (exit {exc.returncode}); no seed was run", file=sys.stderr)
-        sys.exit(1)
-    sys.exit(status)
+        return 1
 
 
 if __name__ == "__main__":

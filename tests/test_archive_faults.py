@@ -10,11 +10,11 @@ import random
 from pathlib import Path
 
 import pytest
-from conftest import cifar_members, write_archive
 
 from onecycle import data
 from onecycle.config import DataParams
 from onecycle.errors import UserError
+from scripts.pipeline_repo import cifar_members, write_archive
 
 
 @pytest.fixture(scope="module")

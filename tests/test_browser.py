@@ -3,13 +3,11 @@ left out of `make test`: it needs Debian's chromium and the `browser` extra)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import browser_check  # noqa: E402  (a script, not a package module)
+from scripts import browser_check
 
 pytestmark = pytest.mark.browser
 

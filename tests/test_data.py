@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import RECORD, add_member, cifar_members, write_archive
 
 from onecycle import data
 from onecycle.config import DataParams
 from onecycle.errors import UserError
+from scripts.pipeline_repo import RECORD, add_member, cifar_members, write_archive
 
 ROOT = Path(__file__).resolve().parents[1]
 

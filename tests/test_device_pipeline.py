@@ -1,5 +1,5 @@
-"""scripts/device_pipeline.py: the one device call that runs the real `dvc repro` and times it, tried at tiny size
-on the CPU with this environment's own DVC, MLflow and albumentations (no wheels)."""
+"""device/: the one device call that runs the real `dvc repro` and times it (device/pipeline.py), tried at tiny size
+on the CPU with this environment's own DVC, MLflow and albumentations (no wheels); its wheel list, session and grids."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ from pathlib import Path
 
 import yaml
 
+from device import pipeline
+from research import study
+
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "device_pipeline.py"
 STAGES = ["download_cifar", "lr_range_test", "train_one_cycle", "plot_reports"]
 
 
@@ -28,11 +30,12 @@ def test_run_times_each_stage_of_the_real_pipeline(small_archive, tmp_path):
         "WIDTH": "2",
         "EPOCHS": "2",
         "BATCH": "64",
-        "SET": "lr_finder.num_iter=10 lr_finder.start_lr=1.0e-3 train.peak_epoch=1 train.device=cpu",
+        "SET": "lr_finder.num_iter=10 lr_finder.start_lr=1e-3 train.peak_epoch=1 train.device=cpu",
         "REPEAT": "0",
         "BENCH": "0",  # make bench has its own tests
     }
-    done = subprocess.run([sys.executable, str(SCRIPT), "run"], env=env, capture_output=True, text=True, timeout=300)
+    pipeline = [sys.executable, "-m", "device.pipeline"]
+    done = subprocess.run(pipeline, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     record = json.loads((tmp_path / "out" / "h200-pipeline.json").read_text())
 
@@ -45,7 +48,7 @@ def test_run_times_each_stage_of_the_real_pipeline(small_archive, tmp_path):
     assert 0 <= record["test_acc"] <= 100
     assert record["mfu"] > 0 and record["peak_tflops"]["datasheet"] == 989.0
     assert record["device"].startswith("cpu") and re.fullmatch(r"[0-9a-f]{40}", record["commit"])
-    assert record["command"].endswith("python3 scripts/device_pipeline.py run") and "WIDTH=2" in record["command"]
+    assert record["command"].endswith("python3 -m device.pipeline") and "WIDTH=2" in record["command"]
     assert record["params"]["model.width"] == 2 and record["train_images"] == 600
     assert len(record["runs"]) == 1 and record["runs"][0]["exit_status"] == 0
 
@@ -55,13 +58,14 @@ def test_run_times_each_stage_of_the_real_pipeline(small_archive, tmp_path):
     # a clean checkout with params.yaml pointed at the archive, and every stage's log kept
     params = yaml.safe_load((tmp_path / "work" / "repo" / "params.yaml").read_text())
     assert params["data"] == params["data"] | {"url": str(archive), "md5": md5}
+    assert params["lr_finder"]["start_lr"] == 1e-3 and params["model"]["width"] == 2  # numbers, as DVC reads them
     log = (tmp_path / "out" / "pipeline.log").read_text()
     assert all(f"Running stage '{name}'" in log for name in STAGES)
 
 
 def test_wheel_list_pins_one_version_each_as_pyproject_does():
     pins = {}
-    for line in (ROOT / "scripts" / "device-wheels.txt").read_text().splitlines():
+    for line in (ROOT / "device" / "wheels.txt").read_text().splitlines():
         pin = line.partition("#")[0].strip()
         if pin:
             name, _, version = pin.partition("==")
@@ -74,20 +78,34 @@ def test_wheel_list_pins_one_version_each_as_pyproject_does():
     assert "torch" not in pins and "numpy" not in pins  # the device's own
 
 
-def test_says_how_to_call_it():
-    usage = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True)
-    assert usage.returncode != 0 and "usage: python3 scripts/device_pipeline.py prepare|run" in usage.stderr
+def test_it_needs_the_results_folder_and_reads_set_as_dvc_exp_run_does(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "OUT"}
-    no_out = subprocess.run([sys.executable, str(SCRIPT), "run"], capture_output=True, text=True, env=env)
-    assert no_out.returncode != 0 and "set OUT to the folder for the results" in no_out.stderr
+    pipeline = [sys.executable, "-m", "device.pipeline"]
+    no_out = subprocess.run(pipeline, cwd=ROOT, capture_output=True, text=True, env=env)
+    assert no_out.returncode == 2 and "error: set OUT to the folder for the results" in no_out.stderr
+    # SET is read as `dvc exp run -S` reads it (YAML 1.2: 1e-4 is a number), and checked before any work
+    env |= {"OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "WHEELS": str(tmp_path / "none")}
+    bad = subprocess.run(pipeline, cwd=ROOT, capture_output=True, text=True, env=env | {"SET": "train.seed"})
+    assert bad.returncode == 2 and "override 'train.seed' is not KEY=VALUE" in bad.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_set_is_read_as_dvc_exp_run_reads_it(monkeypatch):
+    """YAML 1.2, as `dvc exp run -S`: 1e-4 is a number (yaml.safe_load, YAML 1.1, reads the string '1e-4')."""
+    monkeypatch.setenv("WIDTH", "2")
+    monkeypatch.setenv("SET", "lr_finder.start_lr=1e-4 'train.momentum=[0.9, 0.8]' train.device=cpu")
+    assert pipeline.settings() == {
+        "model.width": 2, "train.epochs": 24, "train.batch_size": 512,
+        "lr_finder.start_lr": 1e-4, "train.momentum": [0.9, 0.8], "train.device": "cpu",
+    }  # fmt: skip
 
 
 def test_the_device_session_says_how_to_call_it_and_needs_the_results_folder():
-    """scripts/device_session.sh (the shared device call of the accuracy and pipeline issues): its two steps are
+    """device/session.sh (the shared device call of the accuracy and pipeline issues): its two steps are
     named, and `run` stops before any work without the results folder the device sets."""
-    session = str(ROOT / "scripts" / "device_session.sh")
+    session = str(ROOT / "device" / "session.sh")
     usage = subprocess.run(["bash", session], capture_output=True, text=True)
-    assert usage.returncode == 2 and "usage: bash scripts/device_session.sh prepare|run" in usage.stderr
+    assert usage.returncode == 2 and "usage: bash device/session.sh prepare|run" in usage.stderr
     env = {k: v for k, v in os.environ.items() if k != "OUT"}
     no_out = subprocess.run(["bash", session, "run"], capture_output=True, text=True, env=env)
     assert no_out.returncode != 0 and "set OUT to the folder for the results" in no_out.stderr
@@ -95,13 +113,10 @@ def test_the_device_session_says_how_to_call_it_and_needs_the_results_folder():
 
 def test_every_setting_of_the_device_accuracy_grid_is_valid_before_the_call():
     """A typo in the grid would cost a device call: every run it plans parses as params.yaml does."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import study
-
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
     planned = {}
     for name in ("accuracy_seeds.yaml", "accuracy_grid.yaml"):
-        shared, seeds, settings = study.read_grid(ROOT / "scripts" / "device" / name)
+        shared, seeds, settings = study.read_grid(ROOT / "device" / name)
         planned[name] = study.plan_runs(base, shared, settings, seeds)
     # the comparison of the issue, 5 seeds each, runs first, so that a deadline cuts the grid and not it
     first = [r.setting.name for r in planned["accuracy_seeds.yaml"]]

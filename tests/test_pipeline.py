@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import PLOTS, pipeline_repo
+from conftest import PLOTS, tiny_repo
 from mlflow.tracking import MlflowClient
 
+from onecycle import lr_finder
 from onecycle.model import CustomResNet
 from onecycle.tracking import EXPERIMENT, RANGE_EXPERIMENT
 from onecycle.training import HISTORY_COLUMNS
@@ -43,7 +44,7 @@ def ran(result: subprocess.CompletedProcess) -> list[str]:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, small_archive) -> Path:
-    return pipeline_repo(tmp_path_factory.mktemp("repo"), small_archive, width=4)
+    return tiny_repo(tmp_path_factory.mktemp("repo"), small_archive, width=4)
 
 
 def mlflow_runs(repo: Path, stage: str):
@@ -114,7 +115,7 @@ def test_the_training_run_is_in_the_mlflow_store(repo):
     assert all(key.startswith("range/") for key in range_run.data.metrics)
     assert not any(key.startswith("range/") for key in run.data.metrics)
     assert " · range test · w4 · " in range_run.info.run_name
-    assert range_run.data.tags["mlflow.source.name"] == "stages/lr_range_test.py"
+    assert range_run.data.tags["mlflow.source.name"] == "stages/find_lr_range.py"
     assert range_run.data.tags["mlflow.note.content"].startswith(f"**LR range {found['lr_min']:.4g} - ")
 
 
@@ -155,14 +156,26 @@ def test_changing_epochs_reruns_training_and_reports_only(repo):
 def test_every_train_key_the_sweep_runs_with_reruns_the_range_test(repo):
     """A range found under other settings is never reused: dvc.yaml lists what find_range reads."""
     before = (repo / "params.yaml").read_text()
-    for key, value in (("label_smoothing", 0.1), ("nesterov", True), ("precision", "bf16"), ("channels_last", False)):
-        params = yaml.safe_load(before)
-        params["train"][key] = value
-        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        status = sh(repo, "dvc", "status", "lr_range_test").stdout
-        assert f"train.{key}" in status and "modified" in status, (key, status)
+    params = yaml.safe_load(before)
+    for key in lr_finder.SWEEP_TRAIN_KEYS:  # every one at once: `dvc status` lists each changed value
+        params["train"][key.removeprefix("train.")] = "changed"  # DVC compares values; it does not check them
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = sh(repo, "dvc", "status", "lr_range_test").stdout
     (repo / "params.yaml").write_text(before)
+    assert "modified" in status and all(key in status for key in lr_finder.SWEEP_TRAIN_KEYS), status
     assert "lr_range_test" not in sh(repo, "dvc", "status", "lr_range_test").stdout
+
+
+def test_a_change_to_the_training_code_reruns_every_stage_that_runs_it(repo):
+    """plot_reports evaluates the model with training.evaluate: a change there redraws the plots."""
+    code = repo / "src" / "onecycle" / "training.py"
+    before = code.read_text()
+    code.write_text(before + "\n# a change\n")
+    status = sh(repo, "dvc", "status").stdout
+    code.write_text(before)
+    assert [s for s in STAGES if f"{s}:" in status] == ["lr_range_test", "train_one_cycle", "plot_reports"], status
+    assert "modified:           src/onecycle/training.py" in status or "src/onecycle/training.py" in status
+    assert "Data and pipelines are up to date" in sh(repo, "dvc", "status").stdout
 
 
 def test_an_experiment_is_a_new_mlflow_run_tagged_with_its_name(repo):

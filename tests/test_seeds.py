@@ -1,4 +1,4 @@
-"""`make seeds` (scripts/seeds.py) for real: DVC experiments in a temporary git repository, the real MLflow
+"""`make seeds` (python -m scripts.seeds) for real: DVC experiments in a temporary git repository, the real MLflow
 SQLite store, at tiny size on the CPU."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import pipeline_repo
+from conftest import tiny_repo
 from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,13 +27,13 @@ def sh(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProces
 
 
 def seeds(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return sh(repo, sys.executable, str(ROOT / "scripts" / "seeds.py"), *args, check=check)
+    return sh(repo, sys.executable, "-m", "scripts.seeds", *args, check=check)
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, small_archive) -> Path:
     """The pipeline at the pipeline tests' tiny size, but width 8: the seeds below override it to 4."""
-    return pipeline_repo(tmp_path_factory.mktemp("seeds-repo"), small_archive, width=8)
+    return tiny_repo(tmp_path_factory.mktemp("seeds-repo"), small_archive, width=8)
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +80,10 @@ def test_the_seeds_training_runs_are_tagged_as_one_group_in_mlflow(repo, two_see
 
 
 def test_the_study_tool_gives_the_pipelines_numbers(repo, two_seeds, tmp_path):
-    """scripts/study.py makes the stages' library calls: seed 0 in its warm process equals the pipeline's run."""
+    """research/study.py makes the stages' library calls: seed 0 in its warm process equals the pipeline's run."""
     report = json.loads((repo / "reports/seeds.json").read_text())
     out = tmp_path / "study.json"
-    sh(repo, sys.executable, str(ROOT / "scripts" / "study.py"), "--out", str(out), "-S", "model.width=4")
+    sh(repo, sys.executable, "-m", "research.study", "--out", str(out), "-S", "model.width=4")
     [run] = json.loads(out.read_text())["runs"]
     pipeline = report["runs"][0]
     assert run["seed"] == 0 and (run["lr_min"], run["lr_max"]) == (pipeline["lr_min"], pipeline["lr_max"])

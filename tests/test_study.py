@@ -1,5 +1,5 @@
-"""scripts/study.py (settings through the stages' library calls, one JSON), scripts/airbench_standin.py's export
-and scripts/bench.py, at tiny sizes on the CPU: the device checks run these, and a device session gets minutes,
+"""research/study.py (settings through the stages' library calls, one JSON), research/airbench_standin.py's
+export and scripts/bench.py, at tiny sizes on the CPU: the device checks run these, and a device session gets minutes,
 not the time to debug a script that rotted since."""
 
 from __future__ import annotations
@@ -18,16 +18,13 @@ import yaml
 from onecycle import data
 from onecycle.config import parse_params
 from onecycle.errors import UserError
+from research import study
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import study  # noqa: E402
 
 
-def script(name: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / name), *args], cwd=cwd, capture_output=True, text=True, timeout=600
-    )
+def script(module: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +45,7 @@ def params_file(tmp_path_factory, small_archive) -> Path:
 def warm(params_file) -> tuple[dict, Path]:
     folder = params_file.parent
     done = script(
-        "study.py", "--out", str(folder / "warm.json"), "--params", str(params_file),
+        "research.study", "--out", str(folder / "warm.json"), "--params", str(params_file),
         "--setting", "found: seeds=2",
         "--setting", "given: lr_max=0.05 lr_finder.min_div=5 'train.momentum=[0.9, 0.8]'",
         "--peak", "--profile", str(folder / "profile.txt"),
@@ -114,7 +111,7 @@ def test_fresh_processes_from_a_grid_file_give_the_warm_results_and_keep_going_p
         "  - name: given\n    set: {lr_max: 0.05, lr_finder.min_div: 5, train.momentum: [0.9, 0.8]}\n"
     )
     out = folder / "fresh.json"
-    done = script("study.py", "--out", str(out), "--params", str(params_file), "--grid", str(grid), "--fresh")
+    done = script("research.study", "--out", str(out), "--params", str(params_file), "--grid", str(grid), "--fresh")
     results = json.loads(out.read_text())
     runs = {r["setting"]: r for r in results["runs"]}
     assert results["mode"] == "fresh" and list(runs) == ["cuda", "given"]
@@ -135,7 +132,7 @@ def test_fresh_processes_from_a_grid_file_give_the_warm_results_and_keep_going_p
 def test_a_wrong_setting_stops_the_study_before_any_work_naming_the_key(params_file, tmp_path):
     out = tmp_path / "never.json"
     bad = script(
-        "study.py", "--out", str(out), "--params", str(params_file),
+        "research.study", "--out", str(out), "--params", str(params_file),
         "--setting", "ok: lr_max=0.1", "--setting", "typo: train.weight_decy=1e-3",
     )  # fmt: skip
     assert bad.returncode == 2 and not out.exists()
@@ -179,7 +176,7 @@ def test_a_wrong_setting_stops_the_study_before_any_work_naming_the_key(params_f
 def test_past_the_deadline_every_run_is_skipped_and_recorded(params_file, tmp_path):
     out = tmp_path / "late.json"
     done = script(
-        "study.py", "--out", str(out), "--params", str(params_file), "--seeds", "0,1", "--deadline", "0"
+        "research.study", "--out", str(out), "--params", str(params_file), "--seeds", "0,1", "--deadline", "0"
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())
@@ -193,7 +190,7 @@ def test_past_the_deadline_every_run_is_skipped_and_recorded(params_file, tmp_pa
 
 def test_airbench_export_is_what_its_loader_reads_and_no_cuda_skips_its_runs(params_file, tmp_path):
     folder = tmp_path / "export"
-    done = script("airbench_standin.py", "--export", str(folder), "--params", str(params_file))
+    done = script("research.airbench_standin", "--export", str(folder), "--params", str(params_file))
     assert done.returncode == 0, done.stderr[-3000:]
     dataset = data.prepare(parse_params(yaml.safe_load(params_file.read_text())).data, tmp_path / "d", progress=False)
     for name, split in (("train.pt", dataset.train), ("test.pt", dataset.test)):
@@ -207,7 +204,7 @@ def test_airbench_export_is_what_its_loader_reads_and_no_cuda_skips_its_runs(par
     if torch.cuda.is_available():
         pytest.skip("the airbench runs themselves are for the device call")
     out = tmp_path / "airbench.json"
-    done = script("airbench_standin.py", "--out", str(out), "--params", str(params_file), "--seeds", "2")
+    done = script("research.airbench_standin", "--out", str(out), "--params", str(params_file), "--seeds", "2")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "airbench94 needs CUDA" in done.stdout
     results = json.loads(out.read_text())
@@ -221,8 +218,8 @@ def test_airbench_export_is_what_its_loader_reads_and_no_cuda_skips_its_runs(par
 def test_bench_runs_without_the_repro_timing(tmp_path):
     # as on a lent GPU machine, which has no DVC: every other figure is measured and written
     out = tmp_path / "bench.json"
-    done = script("bench.py", "--out", str(out), "--width", "2", "--batch-size", "16", "--steps", "1", "--repeat", "1",
-                  "--no-repro")  # fmt: skip
+    sizes = ["--width", "2", "--batch-size", "16", "--steps", "1", "--repeat", "1"]
+    done = script("scripts.bench", "--out", str(out), *sizes, "--no-repro")
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(out.read_text())
     assert results["noop_repro_seconds"] is None and "not measured" in done.stdout

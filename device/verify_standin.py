@@ -1,6 +1,6 @@
 """Check, independently of the pipeline's decoder, that data/cifar10 holds the stand-in archive's images.
 
-    python scripts/verify_standin.py [--proxy ../shared/data/make_cifar10_proxy.py] [--data data/cifar10]
+    python -m device.verify_standin [--proxy ../shared/data/make_cifar10_proxy.py] [--data data/cifar10]
 
 The stand-in's own script decodes its JPEGs into the archive's records (label byte + planar R, G, B);
 this compares them, every byte, with the arrays the download_cifar stage wrote from the archive.

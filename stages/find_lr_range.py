@@ -1,5 +1,7 @@
 """DVC stage lr_range_test: sweep the LR, pick LRMAX (and LRMIN = LRMAX / min_div), log the curve to MLflow."""
 
+# Named find_lr_range.py, not *_test.py: tools that follow that convention would take it for a test.
+
 import argparse
 import os
 from pathlib import Path
@@ -59,7 +61,8 @@ def main() -> None:
         "lr_range_test",
         {k: v for k, v in flatten(params).items() if k.split(".")[0] in ("lr_finder", "model", "augment", "data")}
         | {k: v for k, v in flatten(params).items() if k in lr_finder.SWEEP_TRAIN_KEYS},
-        {"data.md5": params.data.md5},
+        # "Source" in MLflow's UI: this script, whose name is not the stage's
+        {"data.md5": params.data.md5, "mlflow.source.name": "stages/find_lr_range.py"},
         detail=f"range test · w{params.model.width} · {len(curve.lr)} steps · LRMAX {found.lr_max:.4g}",
         note=describe(params, found, summary, os.environ.get("DVC_EXP_NAME")),
     )

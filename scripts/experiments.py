@@ -1,23 +1,26 @@
-"""What `scripts/study.py`, `scripts/seeds.py` (`make seeds`) and the airbench side-by-side share: params
-overrides read as `dvc exp run -S` reads them, the summary of test accuracy over seeds (the format of
-reports/seeds.json), and the device's name.
+"""What the tools share (scripts/, research/, device/): params overrides read as `dvc exp run -S` reads them,
+the summary of test accuracy over seeds (the format of reports/seeds.json), the commit a result was made at,
+and the `main` wrapper that turns a UserError into one line.
 
-An override is `KEY=VALUE`: KEY a dotted key of params.yaml (`train.weight_decay`), VALUE read as YAML the
+An override is `KEY=VALUE`: KEY a dotted key of params.yaml (`train.weight_decay`), VALUE read as YAML 1.2, the
 way DVC reads it (`1e-3` is a number, `[0.9, 0.8]` a list). Applying overrides only edits the mapping; the
 result still goes through `config.parse_params`, which names any wrong key or value.
+
+Neither torch nor MLflow is imported here: the device's `prepare` runs on a Python that has neither.
 """
 
 from __future__ import annotations
 
 import copy
-import os
-import platform
+import functools
 import statistics
-from collections.abc import Iterable, Mapping
+import subprocess
+import sys
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
+import yaml
 
 from onecycle.config import read_yaml
 from onecycle.errors import UserError
@@ -53,6 +56,14 @@ def apply_overrides(raw: Mapping[str, Any] | None, overrides: Mapping[str, Any])
     return result
 
 
+def read_params(path: Path | str, what: str = "--params") -> dict[str, Any]:
+    """The mapping of a params file, read as the stages read it (before any check of its keys)."""
+    try:
+        return read_yaml(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"{what} {path}: {' '.join(str(exc).split())}") from None
+
+
 def summarize(values: Iterable[float]) -> dict[str, float | int | None]:
     """n, median, mean, min, max and std (the sample standard deviation, n - 1; null below two values)."""
     values = [float(v) for v in values]
@@ -68,22 +79,36 @@ def summarize(values: Iterable[float]) -> dict[str, float | int | None]:
     }
 
 
-def seeds_summary(runs: list[dict], device: str, width: int) -> dict:
+def seeds_summary(runs: list[dict], device: str, width: int | None) -> dict:
     """The format of reports/seeds.json (`make seeds`), also used by the studies under docs/: the summary of the
     runs' test_acc, the device, model.width and the runs (seed, exp_name, test_acc, lr_min, lr_max,
     mlflow_run_id, ...)."""
     return summarize(r["test_acc"] for r in runs) | {"device": device, "width": width, "runs": runs}
 
 
-def device_name(device: torch.device) -> str:
-    """'NVIDIA H200' for a GPU; for the CPU its model, cores and the kernels torch uses on it
-    ('cpu: Intel(R) Xeon(R) Processor, 2 cores, AVX512'): float rounding, and so an LR pick, depends on them."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine() or "unknown"
+def git_commit(folder: Path | None = None) -> dict[str, Any]:
+    """{"commit": HEAD, "uncommitted_changes": whether files differ from it (untracked ones too: a device call
+    carries them)} of the repository at `folder` (default: the working folder's); {"commit": "unknown"} outside
+    git. What a result records; the MLflow runs' tag is tracking.git_commit's."""
     try:
-        names = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
-        model = names[0].split(":", 1)[1].strip() if names else model
-    except OSError:
-        pass
-    return f"cpu: {model}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}"
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, check=True)
+        changed = subprocess.run(["git", "status", "--porcelain"], cwd=folder, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": "unknown"}
+    return {"commit": head.stdout.strip(), "uncommitted_changes": bool(changed.stdout.strip())}
+
+
+def tool_main(main: Callable[[], int | None]) -> Callable[[], None]:
+    """Wrap a tool's main(): what it returns is the exit status; a UserError prints `error: ...` on stderr and
+    exits 2 (what to fix: a param, a setting, a missing folder), before or instead of any work."""
+
+    @functools.wraps(main)
+    def wrapper() -> None:
+        try:
+            status = main()
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        sys.exit(status or 0)
+
+    return wrapper

@@ -1,10 +1,10 @@
 """airbench94 side by side: the PyPI `airbench` 0.1.8 recipe (lib_airbench94.py, unchanged) trained on the
 project's data, a few seeds, test accuracy with and without its test-time augmentation, in the JSON format of
-scripts/study.py (one run per seed, a summary with a `tta` part).
+research/study.py (one run per seed, a summary with a `tta` part).
 
-    python scripts/airbench_standin.py --out airbench.json --airbench .carry/airbench-0.1.8.tar.gz
+    python -m research.airbench_standin --out airbench.json --airbench .carry/airbench-0.1.8.tar.gz
         [--params params.yaml] [-S KEY=VALUE]... [--seeds 3] [--deadline SECONDS] [--cache DIR] [--commit SHA]
-    python scripts/airbench_standin.py --export DIR [--params params.yaml] [-S KEY=VALUE]...
+    python -m research.airbench_standin --export DIR [--params params.yaml] [-S KEY=VALUE]...
 
 The data is what the pipeline trains on: the arrays `data.prepare` writes (as download_cifar) for the data
 section of --params after -S (e.g. `-S data.url=/tmp/standin/full.tar.gz -S data.md5=...`), exported to
@@ -27,27 +27,31 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib
+import importlib.util
 import os
-import platform
 import sys
 import tarfile
 import tempfile
 import time
 import traceback
 import types
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-SCRIPTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(SCRIPTS))
-import study  # noqa: E402
-
-from onecycle import data, outputs  # noqa: E402
-from onecycle.config import parse_params, read_yaml  # noqa: E402
-from onecycle.errors import UserError  # noqa: E402
-from onecycle.experiments import apply_overrides, device_name, parse_override, seeds_summary, summarize  # noqa: E402
+from onecycle import data, outputs
+from onecycle.config import parse_params, read_yaml
+from onecycle.errors import UserError
+from research import study
+from scripts.experiments import (
+    apply_overrides,
+    parse_override,
+    read_params,
+    seeds_summary,
+    summarize,
+    tool_main,
+)
+from scripts.measure import device_name, sync
 
 SETTING = "airbench94"
 
@@ -105,7 +109,6 @@ def import_airbench(source: Path | None, tmp: Path) -> tuple[types.ModuleType, d
             folders = [source] if (source / "airbench" / "__init__.py").exists() else []
         if not folders:
             raise UserError(f"--airbench {source}: no airbench package in it (expected airbench/__init__.py)")
-        sys.path.insert(0, str(folders[0]))
     info: dict = {"source": str(source) if source else "installed"}
     try:
         import torchvision  # noqa: PLC0415, F401
@@ -122,7 +125,15 @@ def import_airbench(source: Path | None, tmp: Path) -> tuple[types.ModuleType, d
         )
         info["torchvision"] = "not installed: transforms.Normalize stood in by the same arithmetic"
     try:
-        airbench = importlib.import_module("airbench")
+        if source is None:
+            airbench = importlib.import_module("airbench")
+        else:  # the package folder itself, under its own name (its modules import one another)
+            package = folders[0] / "airbench"
+            spec = importlib.util.spec_from_file_location(
+                "airbench", package / "__init__.py", submodule_search_locations=[str(package)]
+            )
+            airbench = sys.modules["airbench"] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(airbench)
     except ImportError as exc:
         raise UserError(f"cannot import airbench ({exc}): pass --airbench airbench-0.1.8.tar.gz") from None
     lib = Path(airbench.lib_airbench94.__file__)
@@ -141,7 +152,8 @@ def import_airbench(source: Path | None, tmp: Path) -> tuple[types.ModuleType, d
     return airbench, info
 
 
-def main() -> None:
+@tool_main
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="the JSON of results, rewritten after every seed")
     parser.add_argument("--export", type=Path, help="only write DIR/cifar10/train.pt and test.pt")
@@ -157,19 +169,12 @@ def main() -> None:
         parser.error("give --out (run airbench94) or --export DIR")
     if args.out:
         args.out = args.out.resolve()  # the runs change the working folder
-    try:
-        run(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    return run(args)
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> int:
     began = time.perf_counter()
-    try:
-        base = read_yaml(Path(args.params).read_text()) or {}
-    except OSError as exc:
-        raise UserError(f"--params {args.params}: {exc}") from None
+    base = read_params(args.params)
     shared = dict(parse_override(text) for text in args.set)
     params = parse_params(apply_overrides(base, shared))
     seeds = study.parse_seeds(args.seeds if "," in args.seeds else read_yaml(args.seeds), "--seeds")
@@ -180,22 +185,10 @@ def run(args: argparse.Namespace) -> None:
         dataset = data.load(folder)
         if args.export:
             print(f"wrote {export(dataset, args.export)}/train.pt and test.pt")
-            return
+            return 0
         loaders = export(dataset, tmp / "export").parent
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        results: dict = {
-            "tool": "scripts/airbench_standin.py",
-            "argv": sys.argv[1:],
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "mode": "warm",
-            "device": device_name(device),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "cpu_count": os.cpu_count(),
-            "commit": args.commit or study.git_commit(),
-            "params_file": str(args.params),
-            "set": shared,
-            "deadline_seconds": args.deadline,
+        results = study.header("research/airbench_standin.py", args, "warm", device_name(device), shared) | {
             "settings": [{"name": SETTING, "overrides": {}, "lr_max": None, "seeds": list(seeds)}],
             "data": {
                 folder.name: {
@@ -236,7 +229,7 @@ def run(args: argparse.Namespace) -> None:
             print(f"{reason}: the export was written, the {len(seeds)} runs are skipped", flush=True)
             results["runs"] = [record(seed, status="skipped", reason=reason) for seed in seeds]
             save()
-            return
+            return 0
 
         airbench, results["airbench"] = import_airbench(args.airbench, tmp)
         save()
@@ -245,22 +238,21 @@ def run(args: argparse.Namespace) -> None:
         try:
             start = time.perf_counter()
             airbench.train94(run=-1, verbose=True)  # one step: CUDA context, cuDNN autotuning
-            study.sync(device)
+            sync(device)
             results["warmup_seconds"] = time.perf_counter() - start
             durations = []
             for seed in seeds:
                 left = args.deadline - (time.perf_counter() - began)
-                estimate = sum(durations) / len(durations) if durations else 0.0
-                if estimate > left:
-                    reason = f"needs about {estimate:.0f} s, {max(left, 0):.0f} s left"
-                    results["runs"].append(record(seed, status="skipped", reason=reason))
+                late = study.too_late(sum(durations) / len(durations) if durations else 0.0, left)
+                if late:
+                    results["runs"].append(record(seed, status="skipped", reason=late))
                     save()
                     continue
                 start = time.perf_counter()
                 try:
                     torch.manual_seed(seed)
                     model = airbench.train94(verbose=False)
-                    study.sync(device)
+                    sync(device)
                     seconds = time.perf_counter() - start
                     test = airbench.CifarLoader("cifar10", train=False, batch_size=2000)
                     tta_level = airbench.lib_airbench94.hyp["net"]["tta_level"]
@@ -293,8 +285,7 @@ def run(args: argparse.Namespace) -> None:
         tta = results["summary"][SETTING]["tta"]
         if tta["n"]:
             print(f"with TTA: median {tta['median']:.2f}%, mean {tta['mean']:.2f}% over {tta['n']}")
-        if results["summary"][SETTING]["failed"]:
-            sys.exit(1)
+        return 1 if results["summary"][SETTING]["failed"] else 0
 
 
 if __name__ == "__main__":

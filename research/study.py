@@ -1,6 +1,6 @@
 """The study tool: param settings trained through the stages' own library calls, into one JSON of results.
 
-    python scripts/study.py --out RESULTS.json [--params params.yaml] [-S KEY=VALUE]...
+    python -m research.study --out RESULTS.json [--params params.yaml] [-S KEY=VALUE]...
         [--grid GRID.yaml] [--setting "NAME: KEY=VALUE ..."]... [--seeds N | --seeds 0,1,2]
         [--fresh] [--deadline SECONDS] [--cache DIR] [--commit SHA]
         [--peak] [--datasheet-tflops TFLOPS] [--profile PROFILE.txt]
@@ -46,8 +46,9 @@ over fit_seconds, which include the per-epoch evaluation) and its share of the m
 params and range under torch.profiler (after the same two epochs unprofiled, as a warm-up) and writes the
 kernels' table to FILE.
 
-On a machine without the project installed (a lent GPU), run it with PYTHONPATH=src; it needs torch,
-numpy, PyYAML, tqdm, opencv and albumentations 2.0.8 (with its own needs), not DVC or MLflow.
+On a machine without the project installed (a lent GPU), run it from the repository root with
+PYTHONPATH=src; it needs torch, numpy, PyYAML, tqdm, opencv and albumentations 2.0.8 (with its own needs), not
+DVC or MLflow.
 """
 
 from __future__ import annotations
@@ -70,13 +71,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from onecycle import data, distributed, lr_finder, outputs, training
 from onecycle.config import Params, parse_params, read_yaml
 from onecycle.errors import UserError
-from onecycle.experiments import apply_overrides, device_name, parse_override, seeds_summary
-from onecycle.model import build_model, training_flop
+from onecycle.model import build_model
+from scripts.experiments import apply_overrides, git_commit, parse_override, read_params, seeds_summary, tool_main
+from scripts.measure import device_name, flop_rate, matmul_tflops, sync
 
 SPECIAL_KEYS = ("lr_max", "seeds")
 
@@ -148,10 +149,7 @@ def setting_from_text(text: str) -> Setting:
 
 def read_grid(path: Path) -> tuple[dict[str, Any], Any, list[Setting]]:
     """(overrides for every setting, default seeds, settings) from a grid YAML file."""
-    try:
-        grid = read_yaml(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise UserError(f"--grid {path}: {' '.join(str(exc).split())}") from None
+    grid = read_params(path, "--grid")
     if not isinstance(grid, dict) or not isinstance(grid.get("settings"), list):
         raise UserError(f"--grid {path}: expected a mapping with a list under 'settings'")
     for key in grid:
@@ -202,36 +200,6 @@ def plan_runs(base: dict, shared: dict, settings: list[Setting], default_seeds: 
     return order
 
 
-def git_commit() -> str:
-    """The commit of the working folder's repository, '-dirty' when tracked files differ from it."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], capture_output=True).returncode
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head.stdout.strip() + ("-dirty" if dirty else "")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def matmul_tflops(device: torch.device) -> float:
-    """Measured bf16 matrix-product rate, TFLOP/s: mean of 10 products after 3 warm-ups."""
-    n = 8192 if device.type == "cuda" else 512
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    sync(device)
-    return 10 * 2 * n**3 / (time.perf_counter() - start) / 1e12
-
-
 def data_folder(params: Params, cache: Path) -> tuple[Path, float]:
     """The folder data.prepare wrote for this data section (made now if missing) and the seconds it took."""
     section = json.dumps(dataclasses.asdict(params.data), sort_keys=True)
@@ -279,15 +247,12 @@ def execute(params: Params, lr_max: float | None, dataset: data.Dataset, device:
         "median_epoch_seconds": epoch_seconds[len(epoch_seconds) // 2],
         "history": [dataclasses.asdict(r) for r in history],
     }
-    if peaks:
-        flop = n_images * params.train.epochs * training_flop(params.model.width)
-        achieved = flop / seconds / 1e12
-        result["achieved_tflops"] = achieved
-        result["flop_utilisation"] = {name: achieved / peak for name, peak in peaks.items()}
+    if peaks:  # training images x epochs over the whole fit, evaluation included
+        result |= flop_rate(n_images * params.train.epochs, seconds, params.model.width, peaks)
     return result
 
 
-def child(payload_path: Path) -> None:
+def child(payload_path: Path) -> int:
     """One run in this fresh process (--fresh): its result, or its error, to the file the payload names."""
     payload = json.loads(payload_path.read_text())
     out = Path(payload["result"])
@@ -313,8 +278,9 @@ def child(payload_path: Path) -> None:
     except Exception as exc:
         text = str(exc) if isinstance(exc, UserError) else traceback.format_exc()[-3000:]
         outputs.write_json(out, {"error": text})
-        sys.exit(1)
+        return 1
     outputs.write_json(out, result)
+    return 0
 
 
 def run_fresh(run: Run, folder: Path, workdir: Path, peaks: dict, timeout: float) -> dict:
@@ -334,7 +300,7 @@ def run_fresh(run: Run, folder: Path, workdir: Path, peaks: dict, timeout: float
     start = time.perf_counter()
     try:
         done = subprocess.run(
-            [sys.executable, __file__, "--child", str(payload_path)],
+            [sys.executable, "-m", "research.study", "--child", str(payload_path)],
             stderr=subprocess.PIPE, text=True, timeout=max(timeout, 1.0) if timeout < float("inf") else None,
         )  # fmt: skip
     except subprocess.TimeoutExpired:
@@ -373,6 +339,29 @@ def profile(params: Params, lr_min: float, lr_max: float, dataset: data.Dataset,
     )
 
 
+def too_late(estimate: float, left: float) -> str | None:
+    """Why a run of about `estimate` seconds does not start with `left` seconds to the deadline; None: it starts."""
+    return f"needs about {estimate:.0f} s, {max(left, 0):.0f} s left" if estimate > left else None
+
+
+def header(tool: str, args: argparse.Namespace, mode: str, device: str, shared: dict) -> dict[str, Any]:
+    """The head of a study's JSON: the tool and its arguments, when, where, at which commit, from which params."""
+    return {
+        "tool": tool,
+        "argv": sys.argv[1:],
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "mode": mode,
+        "device": device,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "commit": args.commit or git_commit()["commit"],
+        "params_file": str(args.params),
+        "set": shared,
+        "deadline_seconds": args.deadline,
+    }
+
+
 def summary_of(records: list[dict], runs: list[Run], default_device: str) -> dict:
     """Per setting, in the format of reports/seeds.json (n, median, mean, min, max, std of test_acc, device,
     width, runs), with the counts of skipped and failed runs."""
@@ -408,10 +397,7 @@ def print_summary(summary: dict) -> None:
 def study(args: argparse.Namespace) -> int:
     began = time.perf_counter()
     params_path = Path(args.params)
-    try:
-        base = read_yaml(params_path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise UserError(f"--params {params_path}: {' '.join(str(exc).split())}") from None
+    base = read_params(params_path)
     shared = dict(parse_override(text) for text in args.set)
     settings, default_seeds = [], None
     if args.grid:
@@ -428,24 +414,9 @@ def study(args: argparse.Namespace) -> int:
         first_device = distributed.resolve_device(runs[0].params.train.device)
     except UserError:  # that run will fail and say why; the others still run
         first_device = distributed.resolve_device("auto")
-    commit = args.commit or git_commit()
-    results: dict[str, Any] = {
-        "tool": "scripts/study.py",
-        "argv": sys.argv[1:],
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "mode": "fresh" if args.fresh else "warm",
-        "device": device_name(first_device),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "commit": commit,
-        "params_file": str(params_path),
-        "set": shared,
-        "deadline_seconds": args.deadline,
-        "settings": [dataclasses.asdict(s) for s in settings],
-        "data": {},
-        "runs": [],
-    }
+    results = header("research/study.py", args, "fresh" if args.fresh else "warm", device_name(first_device), shared)
+    results |= {"settings": [dataclasses.asdict(s) for s in settings], "data": {}, "runs": []}
+    commit = results["commit"]
 
     def save() -> None:
         results["summary"] = summary_of(results["runs"], runs, results["device"])
@@ -491,9 +462,9 @@ def study(args: argparse.Namespace) -> int:
                 "commit": commit,
             }
             past = durations.get(name) or [d for ds in durations.values() for d in ds]
-            estimate = sum(past) / len(past) if past else 0.0
-            if estimate > left():
-                record |= {"status": "skipped", "reason": f"needs about {estimate:.0f} s, {max(left(), 0):.0f} s left"}
+            late = too_late(sum(past) / len(past) if past else 0.0, left())
+            if late:
+                record |= {"status": "skipped", "reason": late}
                 results["runs"].append(record)
                 save()
                 print(f"{name} seed {run.seed}: skipped ({record['reason']})", flush=True)
@@ -534,9 +505,10 @@ def study(args: argparse.Namespace) -> int:
                 results["profile"] = {"skipped": "no run finished"}
             else:
                 run, record = done[0]
-                estimate = 3 * 2 * record["fit_seconds"] / run.params.train.epochs + 10  # profiler overhead
-                if estimate > left():
-                    results["profile"] = {"skipped": f"needs about {estimate:.0f} s, {max(left(), 0):.0f} s left"}
+                # 2 epochs unprofiled and 2 profiled, at up to twice the cost, and 10 s of the profiler's own
+                late = too_late(3 * 2 * record["fit_seconds"] / run.params.train.epochs + 10, left())
+                if late:
+                    results["profile"] = {"skipped": late}
                 else:
                     device = distributed.resolve_device(run.params.train.device)
                     dataset = datasets.get(folders[id(run)]) or data.load(folders[id(run)])
@@ -551,7 +523,8 @@ def study(args: argparse.Namespace) -> int:
     return 1 if any(r["status"] == "failed" for r in results["runs"]) else 0
 
 
-def main() -> None:
+@tool_main
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="the JSON of results, rewritten after every run")
     parser.add_argument("--params", default="params.yaml", help="the params every setting starts from")
@@ -569,16 +542,10 @@ def main() -> None:
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child)
-        return
+        return child(args.child)
     if not args.out:
         parser.error("--out is required")
-    try:
-        status = study(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(status)
+    return study(args)
 
 
 if __name__ == "__main__":
