@@ -31,7 +31,7 @@ from typing import Any
 
 from onecycle.config import Params, parse_params, read_yaml
 from onecycle.errors import UserError
-from onecycle.experiments import apply_overrides
+from scripts.experiments import apply_overrides, git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = Path(__file__).with_name("lr_bench.yaml")
@@ -141,40 +141,25 @@ def grown_grid(setting: Setting, done: dict[str, dict]) -> list[float]:
 
 
 def plan(bench: Bench, results: dict[str, dict[str, dict]]) -> list[Job]:
-    """Every job the results so far call for, most needed first: each seed's sweep and grid, setting by setting;
-    then the grown grids; then third seeds of close leaders; then the kernel variants' sweeps."""
-    jobs = [
-        job
-        for seed in bench.seeds
-        for s in bench.settings
-        for job in [Job(s.name, "sweep", seed)] + [Job(s.name, "train", seed, lr) for lr in s.grid]
-    ]
+    """Every job the results so far call for, most needed first, seed by seed: each setting's sweep and grid,
+    then the points its grid grew by; then third seeds of close leaders; then the kernel variants' sweeps."""
+    jobs = []
+    grids = {s.name: grown_grid(s, results.get(s.name, {})) for s in bench.settings}
+    for seed in bench.seeds:
+        for s in bench.settings:
+            jobs += [Job(s.name, "sweep", seed)] + [Job(s.name, "train", seed, lr) for lr in s.grid]
+        jobs += [Job(s.name, "train", seed, lr) for s in bench.settings for lr in grids[s.name] if lr not in s.grid]
     for s in bench.settings:
-        done = results.get(s.name, {})
-        grid = grown_grid(s, done)
-        jobs += [Job(s.name, "train", seed, lr) for lr in grid if lr not in s.grid for seed in bench.seeds]
-        trained = grid_means(done)
-        if all(len(trained.get(lr, [])) >= len(bench.seeds) for lr in grid):
-            first, second = sorted(grid, key=lambda lr: statistics.fmean(trained[lr]), reverse=True)[:2]
+        trained = grid_means(results.get(s.name, {}))
+        if all(len(trained.get(lr, [])) >= len(bench.seeds) for lr in grids[s.name]):
+            ranked = sorted(grids[s.name], key=lambda lr: statistics.fmean(trained[lr]), reverse=True)
+            first, second = ranked[:2]
             if statistics.fmean(trained[first]) - statistics.fmean(trained[second]) < CLOSE:
                 extra = max(bench.seeds) + 1
-                jobs += [
-                    Job(s.name, "sweep", extra),
-                    Job(s.name, "train", extra, first),
-                    Job(s.name, "train", extra, second),
-                ]
+                jobs += [Job(s.name, "sweep", extra)] + [Job(s.name, "train", extra, lr) for lr in (first, second)]
     for variant in bench.variants:
         jobs += [Job(name, "sweep", seed, variant=variant.name) for name in variant.settings for seed in bench.seeds]
     return jobs
-
-
-def git_commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=ROOT)
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], capture_output=True, cwd=ROOT).returncode
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
 def data_folder(params: Params, cache: Path) -> Path:
@@ -193,8 +178,8 @@ def run_job(payload: dict) -> dict:
     import torch
 
     from onecycle import batches, data, lr_finder, training
-    from onecycle.experiments import device_name
     from onecycle.model import build_model
+    from scripts.measure import device_name
 
     torch.set_num_threads(payload["threads"])
     params = parse_params(payload["params"])
@@ -247,7 +232,8 @@ def run(args: argparse.Namespace) -> None:
     for s in bench.settings:
         setting_params(bench, s, data_set, 0)  # every setting's params checked before any work
     cache, out = args.cache, args.out
-    commit = git_commit()
+    found = git_commit(ROOT)
+    commit = found["commit"] + ("+uncommitted" if found.get("uncommitted_changes") else "")
     running: dict[str, tuple[subprocess.Popen, Job, float]] = {}
     began = time.perf_counter()
     while True:

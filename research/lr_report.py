@@ -77,7 +77,7 @@ def sweep_from(lr: list, loss: list, accuracy: list, params: LRFinderParams) -> 
 
 def bench_settings(out: Path, config: Path) -> list[Setting]:
     from onecycle.config import parse_params, read_yaml
-    from onecycle.experiments import apply_overrides
+    from scripts.experiments import apply_overrides
 
     bench = read_bench(config)
     results = load_results(out)
