@@ -9,7 +9,7 @@ export DVC_NO_ANALYTICS := 1
 # Stage commands in dvc.yaml call `python`: the venv's.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: run test lint bench quick seeds browser-check clean-venv
+.PHONY: run test lint bench quick seeds lr-check browser-check clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,13 @@ bench: $(VENV)/.installed
 N ?= 5
 seeds: $(VENV)/.installed
 	$(BIN)/python scripts/seeds.py -n $(N) $(SET)
+
+# Is the found LRMAX the best here? The current params trained from the found range times each of FACTORS, each a
+# DVC experiment (the workspace is left as it is): a table, reports/lr_check.json, reports/lr_check.png (accuracy
+# against LRMAX, the found pick marked) and the MLflow runs tagged lr_check.group.
+FACTORS ?= 0.5,1,2
+lr-check: $(VENV)/.installed
+	$(BIN)/python -m scripts.lr_check --factors $(FACTORS)
 
 # What a user sees in `mlflow ui`, in headless Chromium: two quick runs of the real pipeline, then the runs view,
 # the charts, one run and the compare page. First the check (tests/test_browser.py, on a small made-up archive),

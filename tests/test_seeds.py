@@ -108,3 +108,26 @@ def test_a_failed_seed_exits_non_zero_after_writing_what_finished_and_bad_overri
     assert (failure["seed"], failure["exp_name"]) == (0, "bad-s0")
     assert failure["error"].startswith("dvc exp run exited with ")  # DVC's own status: 255
     assert "bad-s0" in failed.stdout and "FAILED" in failed.stdout
+
+
+def test_make_lr_check_trains_the_found_range_times_each_factor_and_marks_the_pick(repo):
+    params_before = (repo / "params.yaml").read_bytes()
+    done = sh(repo, sys.executable, "-m", "scripts.lr_check", "--factors", "1,0.5", "--group", "lrc")
+    found = json.loads((repo / "reports/lr_range.json").read_text())
+    report = json.loads((repo / "reports/lr_check.json").read_text())
+    assert report["found"]["lr_max"] == found["lr_max"] and report["failed"] == []
+    assert [r["factor"] for r in report["runs"]] == [0.5, 1.0]  # in order of LRMAX
+    for r in report["runs"]:
+        assert r["lr_max"] == pytest.approx(found["lr_max"] * r["factor"])
+        assert f"{r['test_acc']:6.2f}%" in done.stdout
+    assert "<- found" in done.stdout and (repo / "reports/lr_check.png").stat().st_size > 10_000
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("cifar10-one-cycle")
+    runs = client.search_runs([experiment.experiment_id], "tags.`lr_check.group` = 'lrc'", order_by=["start_time ASC"])
+    assert [r.info.run_id for r in runs] == [r["mlflow_run_id"] for r in report["runs"]]
+    for run, entry in zip(runs, report["runs"], strict=True):
+        assert float(run.data.params["train.lr_scale"]) == entry["factor"] == float(run.data.tags["lr_check.factor"])
+        assert float(run.data.params["lr_max"]) == pytest.approx(entry["lr_max"])
+    assert (repo / "params.yaml").read_bytes() == params_before
+    bad = sh(repo, sys.executable, "-m", "scripts.lr_check", "--factors", "0,1", check=False)
+    assert bad.returncode == 2 and "--factors '0,1': give distinct positive numbers" in bad.stderr
