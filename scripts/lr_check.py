@@ -63,6 +63,7 @@ def plot(report: dict, path: Path) -> None:
     found = report["found"]["lr_max"]
     ax.axvline(found, color="tab:red", ls="--", label=f"found LRMAX {found:.4g} ({report['found']['pick']})")
     ax.set_xscale("log")
+    ax.margins(x=0.15, y=0.15)  # room for the labels of the end points
     ax.set_xlabel("LRMAX (log scale; LRMIN = LRMAX / min_div)")
     ax.set_ylabel("test accuracy after the last epoch (%)")
     ax.set_title(f"Accuracy against LRMAX, {report['epochs']} epochs, width {report['width']}")
