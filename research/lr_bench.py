@@ -48,10 +48,15 @@ class Setting:
 
 @dataclass(frozen=True)
 class Variant:
+    """Sweeps of the same settings and seeds under other float kernels, threads or overrides; their picks are
+    compared with those of the sweep `compare` names (a variant, or the plain sweep when empty)."""
+
     name: str
     settings: tuple[str, ...]
     env: dict[str, str] = field(default_factory=dict)
     threads: int = 1
+    overrides: dict[str, Any] = field(default_factory=dict)
+    compare: str = ""
 
 
 @dataclass(frozen=True)
@@ -87,18 +92,25 @@ def read_bench(path: Path = CONFIG) -> Bench:
     )
     variants = tuple(
         Variant(
-            v["name"], tuple(v["settings"]), {k: str(x) for k, x in (v.get("env") or {}).items()}, v.get("threads", 1)
+            v["name"],
+            tuple(v["settings"]),
+            {k: str(x) for k, x in (v.get("env") or {}).items()},
+            v.get("threads", 1),
+            v.get("set") or {},
+            v.get("compare", ""),
         )
         for v in raw.get("variants") or ()
     )
     return Bench(raw.get("set") or {}, tuple(raw["seeds"]), settings, variants)
 
 
-def setting_params(bench: Bench, setting: Setting, data_set: dict, seed: int) -> tuple[dict, Params]:
-    """The params mapping of one job (params.yaml, the benchmark's and the setting's overrides, the archive, the
-    seed), and its parsed Params: a wrong key stops the benchmark before any work."""
+def setting_params(
+    bench: Bench, setting: Setting, data_set: dict, seed: int, extra: dict | None = None
+) -> tuple[dict, Params]:
+    """The params mapping of one job (params.yaml, the benchmark's, the setting's and a variant's overrides, the
+    archive, the seed), and its parsed Params: a wrong key stops the benchmark before any work."""
     base = read_yaml((ROOT / "params.yaml").read_text())
-    raw = apply_overrides(base, bench.shared | setting.overrides | data_set | {"train.seed": seed})
+    raw = apply_overrides(base, bench.shared | setting.overrides | (extra or {}) | data_set | {"train.seed": seed})
     try:
         return raw, parse_params(raw)
     except UserError as exc:
@@ -142,13 +154,15 @@ def grown_grid(setting: Setting, done: dict[str, dict]) -> list[float]:
 
 def plan(bench: Bench, results: dict[str, dict[str, dict]]) -> list[Job]:
     """Every job the results so far call for, most needed first, seed by seed: each setting's sweep and grid,
-    then the points its grid grew by; then third seeds of close leaders; then the kernel variants' sweeps."""
+    then the points its grid grew by, then the variants' sweeps; then third seeds of close leaders."""
     jobs = []
     grids = {s.name: grown_grid(s, results.get(s.name, {})) for s in bench.settings}
     for seed in bench.seeds:
         for s in bench.settings:
             jobs += [Job(s.name, "sweep", seed)] + [Job(s.name, "train", seed, lr) for lr in s.grid]
         jobs += [Job(s.name, "train", seed, lr) for s in bench.settings for lr in grids[s.name] if lr not in s.grid]
+        # the variants' sweeps are cheap, and the kernel check needs them: after each seed's grids
+        jobs += [Job(name, "sweep", seed, variant=v.name) for v in bench.variants for name in v.settings]
     for s in bench.settings:
         trained = grid_means(results.get(s.name, {}))
         if all(len(trained.get(lr, [])) >= len(bench.seeds) for lr in grids[s.name]):
@@ -157,8 +171,6 @@ def plan(bench: Bench, results: dict[str, dict[str, dict]]) -> list[Job]:
             if statistics.fmean(trained[first]) - statistics.fmean(trained[second]) < CLOSE:
                 extra = max(bench.seeds) + 1
                 jobs += [Job(s.name, "sweep", extra)] + [Job(s.name, "train", extra, lr) for lr in (first, second)]
-    for variant in bench.variants:
-        jobs += [Job(name, "sweep", seed, variant=variant.name) for name in variant.settings for seed in bench.seeds]
     return jobs
 
 
@@ -221,6 +233,15 @@ def child(path: Path) -> None:
     outputs.write_json(Path(payload["result"]), payload["record"] | result)
 
 
+def alive(marker: Path) -> bool:
+    """Whether the job process whose pid `marker` holds still runs (a rerun leaves it to finish)."""
+    try:
+        os.kill(int(marker.read_text()), 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def run(args: argparse.Namespace) -> None:
     from onecycle import outputs
 
@@ -244,16 +265,18 @@ def run(args: argparse.Namespace) -> None:
             if j.name not in results.get(j.setting, {})
             and f"{j.setting}/{j.name}" not in running
             and not (out / j.setting / f"{j.name}.failed").exists()  # look at its log; delete the file to retry
+            and not alive(out / j.setting / f"{j.name}.running")  # a child a killed scheduler left running
         ]
         while waiting and len(running) < args.workers:
             job = waiting.pop(0)
             setting = bench.setting(job.setting)
-            raw, params = setting_params(bench, setting, data_set, job.seed)
             variant = next((v for v in bench.variants if v.name == job.variant), Variant("", ()))
+            raw, params = setting_params(bench, setting, data_set, job.seed, variant.overrides)
             folder = out / job.setting
             folder.mkdir(parents=True, exist_ok=True)
             payload_path = cache / f"{job.setting}-{job.name}.payload.json"
             record = dataclasses.asdict(job) | {"overrides": setting.overrides, "commit": commit, "env": variant.env}
+            record |= {"variant_overrides": variant.overrides, "compare": variant.compare}
             payload = {
                 "params": raw,
                 "data": str(data_folder(params, cache)),
@@ -269,6 +292,7 @@ def run(args: argparse.Namespace) -> None:
             command = [sys.executable, "-m", "research.lr_bench", "child", str(payload_path)]
             process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
             running[f"{job.setting}/{job.name}"] = (process, job, time.perf_counter())
+            (folder / f"{job.name}.running").write_text(str(process.pid))
             print(f"[{time.perf_counter() - began:6.0f} s] start {job.setting}/{job.name}", flush=True)
         if not running:
             break
@@ -276,6 +300,7 @@ def run(args: argparse.Namespace) -> None:
         for key, (process, _job, started) in list(running.items()):
             if process.poll() is not None:
                 del running[key]
+                (out / f"{key}.running").unlink(missing_ok=True)
                 status = "done" if process.returncode == 0 else f"FAILED ({process.returncode}; log in {cache})"
                 print(f"[{time.perf_counter() - began:6.0f} s] {status} {key} in {time.perf_counter() - started:.0f} s")
                 if process.returncode != 0:
