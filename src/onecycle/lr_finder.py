@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from onecycle import batches, picks, steps, training
+from onecycle import batches, picks, schedules, steps, training
 from onecycle.config import LRFinderParams, Params, TrainParams
 from onecycle.data import Dataset
 from onecycle.errors import UserError
@@ -170,23 +170,25 @@ def range_test(
     return Curve(lrs, losses, smoothed, accs, smoothed_accs, stop_reason, images)
 
 
-def sweep_of(curve: Curve, params: LRFinderParams) -> picks.Sweep:
+def sweep_of(curve: Curve, params: LRFinderParams, warmup_steps: int | None = None) -> picks.Sweep:
     return picks.Sweep(
         *(np.asarray(v, dtype=float) for v in (curve.lr, curve.loss, curve.smoothed_loss, curve.accuracy)),
         np.asarray(curve.smoothed_accuracy, dtype=float),
         params.num_iter,
+        warmup_steps,
     )
 
 
-def pick_range(curve: Curve, params: LRFinderParams) -> LRRange:
+def pick_range(curve: Curve, params: LRFinderParams, warmup_steps: int | None = None) -> LRRange:
     """LRMAX by the rule `params.pick` (picks.RULES), LRMIN = LRMAX / min_div; UserError when the curve shows no
-    range. A rule that finds nothing on the curve leaves LRMAX to min_loss, and `note` says why."""
+    range. A rule that finds nothing on the curve leaves LRMAX to min_loss, and `note` says why. `warmup_steps`:
+    the optimizer steps of the One Cycle's climb to LRMAX in the training the range serves."""
     if not curve.lr:
         raise UserError(
             f"the LR range test saw a non-finite loss at its first step (LR {params.start_lr:g}): no range found; "
             "lower lr_finder.start_lr, or check the data"
         )
-    sweep = sweep_of(curve, params)
+    sweep = sweep_of(curve, params, warmup_steps)
     loss, lr = sweep.smoothed_loss, sweep.lr
     best = int(np.argmin(loss))
     if best < 2 or loss[best] >= loss[0]:
@@ -249,4 +251,5 @@ def find_range(
     loader = batches.TrainLoader(dataset, params.augment, params.train.batch_size, device)
     sweep_batches = loader.endless(seed=params.train.seed)
     curve = range_test(model, optimizer, sweep_batches, params.lr_finder, options=options, progress=progress)
-    return curve, pick_range(curve, params.lr_finder)
+    steps_per_epoch = schedules.steps_per_epoch(len(dataset.train.labels), params.train.batch_size)
+    return curve, pick_range(curve, params.lr_finder, params.train.peak_epoch * steps_per_epoch)

@@ -38,6 +38,7 @@ class Sweep:
     accuracy: np.ndarray  # each step's batch accuracy before the step, percent
     smoothed_accuracy: np.ndarray  # its moving average, as the loss's
     num_iter: int  # the steps the sweep was to take (it may have stopped earlier, on divergence)
+    warmup_steps: int | None = None  # the One Cycle's climb to LRMAX in the training it serves (None: unknown)
 
 
 @dataclass(frozen=True)
