@@ -27,13 +27,12 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from scripts.experiments import git_commit, tool_main
-from scripts.measure import device_name
-
 from onecycle import distributed, lr_finder, outputs
 from onecycle.config import load_params
 from onecycle.errors import UserError
 from onecycle.tracking import Tracker, repo_root
+from scripts.experiments import git_commit, tool_main
+from scripts.measure import device_name
 from scripts.seeds import dvc, training_run
 
 

@@ -134,9 +134,9 @@ class LRFinderParams:
     end_lr: float = _param(1.0, _number(0.0, lo_open=True))
     num_iter: int = _param(96, _integer(5, 5000))  # optimizer steps in the sweep (98 make one epoch of 50,000)
     step_mode: str = _param("exp", _choice("exp", "linear"))
-    # min_loss stays the default: acc_drop (where the batch accuracy, smoothed over log LR, has lost half its gain)
-    # lands on the plateau of full-data runs but 3x too high on make quick's 2,000 images (docs/lr-finder.md)
-    pick: str = _param("min_loss", _choice(*picks.NAMES))
+    # warmup: min_loss's LR scaled by the warm-up over the sweep's length, which trained within noise of the best
+    # LRMAX in most settings of the LR-finder benchmark, where min_loss missed in all (docs/lr-finder.md)
+    pick: str = _param("warmup", _choice(*picks.NAMES))
     min_div: float = _param(10.0, _number(1.0, lo_open=True))  # LRMIN = LRMAX / min_div
     smooth_beta: float = _param(0.98, _number(0.0, 1.0, hi_open=True))  # moving-average weight of the loss
     diverge_factor: float = _param(4.0, _number(1.0, lo_open=True))  # stop once smoothed loss > this x best

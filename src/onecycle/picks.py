@@ -101,6 +101,38 @@ def acc_drop(s: Sweep) -> float | None:
     return accuracy_drop_lr(s.lr, s.accuracy)
 
 
+# Calibrated on the LR-finder benchmark (docs/lr-finder.md): the best LRMAX of the trained grids over min_loss's
+# LR, against the warm-up's length over the sweep's (both in optimizer steps), fits best LRMAX = WARMUP_FACTOR x
+# min_loss x warm-up / sweep. A longer warm-up carries the network further before it meets LRMAX than the
+# sweep's fresh network had gone when it met min_loss's LR; a short one, less.
+WARMUP_FACTOR = 0.41
+
+
+def lowest_loss_lr(s: Sweep) -> float:
+    """The LR of the smoothed loss's lowest point, between the sweep's steps: the vertex of the parabola through
+    the lowest step and its two neighbours (in log LR). A rounding-sized change of the curve moves it a little,
+    where min_loss jumps a whole step."""
+    i = int(np.argmin(s.smoothed_loss))
+    if i == 0 or i == len(s.lr) - 1:
+        return float(s.lr[i])
+    x, y = np.log(s.lr[i - 1 : i + 2]), s.smoothed_loss[i - 1 : i + 2]
+    curvature = (y[2] - y[1]) / (x[2] - x[1]) - (y[1] - y[0]) / (x[1] - x[0])
+    if curvature <= 0:
+        return float(s.lr[i])
+    # the vertex of the parabola through the three points, which lies between x[0] and x[2]
+    vertex = (x[1] + x[2]) / 2 - (y[2] - y[1]) / (x[2] - x[1]) * (x[2] - x[0]) / (2 * curvature)
+    return float(np.exp(np.clip(vertex, x[0], x[2])))
+
+
+def warmup(s: Sweep) -> float | None:
+    """The lowest loss's LR (lowest_loss_lr) scaled by the One Cycle's warm-up over the sweep's length
+    (WARMUP_FACTOR), kept inside the LRs the sweep tried; None when the warm-up is unknown."""
+    if not s.warmup_steps:
+        return None
+    lr = WARMUP_FACTOR * lowest_loss_lr(s) * s.warmup_steps / s.num_iter
+    return float(np.clip(lr, s.lr[0], s.lr[-1]))
+
+
 # --- other tools' rules, each as its source computes it ---
 
 
@@ -199,6 +231,7 @@ RULES: dict[str, Rule] = {
     "steepest": Rule(steepest, "steepest fall of the loss", "this project"),
     "max_acc": Rule(max_acc, "highest accuracy", "the reference run"),
     "acc_drop": Rule(acc_drop, "where the batch accuracy has lost half its gain", "this project"),
+    "warmup": Rule(warmup, "the lowest loss's LR, scaled by the warm-up", "this project (the LR-finder benchmark)"),
     "fastai_valley": Rule(fastai_valley, "fastai's valley", "fastai callback/schedule.py"),
     "fastai_slide": Rule(fastai_slide, "fastai's slide", "fastai callback/schedule.py"),
     "fastai_minimum": Rule(fastai_minimum, "fastai's minimum (a tenth of it)", "fastai callback/schedule.py"),

@@ -59,7 +59,7 @@ class Diverged(UserError):
 def _diverged(value: float, epoch: int, step: int, batch_id: int, lr: float) -> Diverged:
     return Diverged(
         f"the loss became {value} at epoch {epoch}, step {step} (batch {batch_id}), LR {lr:.4g}: training "
-        "diverged. Lower the LR range (lr_finder.pick: min_loss_div10 or steepest, or a lower lr_finder.end_lr). "
+        "diverged. Lower the LR range (train.lr_scale: 0.5, or another lr_finder.pick, or a lower lr_finder.end_lr). "
         "Earlier outputs were left as they were"
     )
 
