@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from onecycle import picks
-from onecycle.config import parse_params
-from onecycle.lr_finder import smooth
+from onecycle.config import LRFinderParams, parse_params
+from onecycle.lr_finder import Curve, pick_range, smooth
 
 LR = np.geomspace(1e-4, 1.0, 41)  # 10 steps per decade: LR[i] = 1e-4 * 10 ** (i / 10)
 
@@ -91,3 +91,35 @@ def test_lightning_smooths_as_its_callback_does():
         smoothed.append(avg / (1 - 0.98 ** (i + 2)))  # global_step is i + 1 after the i-th step, then + 1
     # the bias correction one step further on: not the range test's own smoothing
     assert smoothed != pytest.approx(smooth(raw, 0.98))
+
+
+def test_lowest_loss_lr_finds_the_bottom_between_steps_and_moves_with_it_by_a_little():
+    # a parabola in log LR with its bottom at 0.0123, between the steps at 0.01 and 0.0126: the vertex of the
+    # three points around the lowest step is the bottom itself, where min_loss can only name a step
+    bowl = 2.0 + (np.log(LR) - np.log(0.0123)) ** 2
+    assert picks.lowest_loss_lr(sweep(bowl)) == pytest.approx(0.0123, rel=1e-9)
+    assert picks.min_loss(sweep(bowl)) == pytest.approx(LR[21])  # 0.0126
+    # a rounding-sized change of the lowest point moves the vertex by a rounding-sized factor
+    nudged = bowl.copy()
+    nudged[21] += 1e-6
+    assert picks.lowest_loss_lr(sweep(nudged)) == pytest.approx(0.0123, rel=1e-4)
+
+
+def test_warmup_scales_the_lowest_loss_lr_by_the_warm_up_over_the_sweep_and_stays_in_the_swept_range():
+    bowl = 2.0 + (np.log(LR) - np.log(0.01)) ** 2
+    s = picks.Sweep(LR, bowl, bowl, bowl, bowl, num_iter=41, warmup_steps=82)  # a warm-up twice the sweep
+    assert picks.warmup(s) == pytest.approx(picks.WARMUP_FACTOR * 0.01 * 2)
+    long = picks.Sweep(LR, bowl, bowl, bowl, bowl, num_iter=41, warmup_steps=41 * 10_000)
+    assert picks.warmup(long) == LR[-1]  # never past the LRs the sweep tried
+    assert picks.warmup(picks.Sweep(LR, bowl, bowl, bowl, bowl, num_iter=41)) is None  # the warm-up unknown
+
+
+def test_pick_range_passes_the_warm_up_and_falls_back_to_min_loss_without_it():
+    bowl = 2.0 + (np.log(LR) - np.log(0.01)) ** 2
+    curve = Curve(list(LR), list(bowl), list(bowl), [10.0] * 41, [10.0] * 41, "finished", 0)
+    params = LRFinderParams(num_iter=41, min_div=10)
+    found = pick_range(curve, params, warmup_steps=41)
+    assert found.lr_max == pytest.approx(picks.WARMUP_FACTOR * 0.01) and found.lr_min == found.lr_max / 10
+    assert found.pick == "warmup" and found.note == ""
+    unknown = pick_range(curve, params)
+    assert unknown.lr_max == pytest.approx(0.01) and "warmup found nothing" in unknown.note

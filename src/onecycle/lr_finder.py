@@ -204,9 +204,9 @@ def pick_range(curve: Curve, params: LRFinderParams, warmup_steps: int | None = 
     if lr_max is None:
         lr_max = picks.min_loss(sweep)
         note = (
-            f"{params.pick} found nothing on this curve (an accuracy that never rose, or, for acc_drop, that was "
-            "still above half its gain when the sweep stopped: raise lr_finder.end_lr to let it fall; or too few "
-            "steps for the rule), so LRMAX is min_loss's"
+            f"{params.pick} found nothing on this curve (an accuracy that never rose; for acc_drop, one still "
+            "above half its gain when the sweep stopped: raise lr_finder.end_lr to let it fall; for warmup, no "
+            "training warm-up given; or too few steps for the rule), so LRMAX is min_loss's"
         )
     return LRRange(
         lr_min=lr_max / params.min_div,
