@@ -1,0 +1,56 @@
+"""The LR-finder benchmark (python -m research.lr_bench) at tiny size: its jobs, its resume, its report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = """
+set: {augment.backend: tensor}
+seeds: [0]
+settings:
+  - name: tiny
+    set: {data.train_limit: 256, model.width: 4, train.batch_size: 64, train.epochs: 2, train.peak_epoch: 1,
+          lr_finder.num_iter: 12}
+    grid: [0.05, 0.1]
+"""
+
+
+def bench(*args: str) -> subprocess.CompletedProcess:
+    env = os.environ | {"NO_ALBUMENTATIONS_UPDATE": "1"}
+    done = subprocess.run([sys.executable, "-m", "research.lr_bench", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done
+
+
+def test_the_benchmark_runs_each_job_once_resumes_and_reports_every_rule(tmp_path, small_archive):
+    config, out, cache = tmp_path / "bench.yaml", tmp_path / "out", tmp_path / "cache"
+    config.write_text(CONFIG)
+    common = ["--out", str(out), "--config", str(config)]
+    first = bench("run", "--archive", str(small_archive[0]), "--cache", str(cache), *common)
+    names = sorted(p.name for p in (out / "tiny").glob("*.json"))
+    # the sweep, the grid, and the grid grown past whichever edge held the best
+    assert "sweep-s0.json" in names and {"train-0.05-s0.json", "train-0.1-s0.json"} <= set(names)
+    assert len(names) >= 4 and first.stdout.count(" start ") == len(names)  # each job ran once
+    trained = [json.loads((out / "tiny" / n).read_text()) for n in names if n.startswith("train")]
+    assert all(r["test_images"] == 200 and 0 <= r["test_acc"] <= 100 and r["threads"] == 1 for r in trained)
+    sweep = json.loads((out / "tiny" / "sweep-s0.json").read_text())
+    assert len(sweep["curve"]["lr"]) == len(sweep["curve"]["loss"]) > 2
+
+    # a rerun does nothing; a lost result is the one job it runs again
+    assert " start " not in bench("run", "--archive", str(small_archive[0]), "--cache", str(cache), *common).stdout
+    (out / "tiny" / "train-0.1-s0.json").unlink()
+    again = bench("run", "--archive", str(small_archive[0]), "--cache", str(cache), *common).stdout
+    assert again.count(" start ") == 1 and "start tiny/train-0.1-s0" in again
+
+    table = bench("report", *common).stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"w64_full", "tiny"}  # the H200's record beside the benchmark's settings
+    assert "| warmup |" in table and "| fastai_valley |" in table and "| lightning |" in table
+    assert summary["w64_full"]["best"]["lr_max"] == 0.025
+    assert (out / "tiny.png").stat().st_size > 10_000 and (out / "w64_full.png").stat().st_size > 10_000
