@@ -25,12 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from onecycle import outputs, picks
+from onecycle import outputs, picks, schedules
 from onecycle.config import LRFinderParams
 from onecycle.lr_finder import smooth
 from research.lr_bench import ROOT, grid_means, load_results, read_bench
 
 NOISE_FLOOR = 0.3  # points of test accuracy
+DEFAULT = LRFinderParams().pick
 H200 = ROOT / "docs/results/h200_gpu_run.json"
 
 
@@ -63,7 +64,7 @@ class Setting:
         return edge, (mark if edge < best - noise else "?")
 
 
-def sweep_from(lr: list, loss: list, accuracy: list, params: LRFinderParams) -> picks.Sweep:
+def sweep_from(lr: list, loss: list, accuracy: list, params: LRFinderParams, warmup_steps: int) -> picks.Sweep:
     """A saved curve as the rules read it (the moving averages recomputed as the range test computes them)."""
     return picks.Sweep(
         np.asarray(lr, float),
@@ -72,6 +73,7 @@ def sweep_from(lr: list, loss: list, accuracy: list, params: LRFinderParams) -> 
         np.asarray(accuracy, float),
         np.asarray(smooth(accuracy, params.smooth_beta), float),
         params.num_iter,
+        warmup_steps,
     )
 
 
@@ -85,10 +87,12 @@ def bench_settings(out: Path, config: Path) -> list[Setting]:
     found = []
     for s in bench.settings:
         done = results.get(s.name, {})
-        params = parse_params(apply_overrides(base, bench.shared | s.overrides)).lr_finder
+        params = parse_params(apply_overrides(base, bench.shared | s.overrides))
+        images = params.data.train_limit or 50_000
+        warmup = params.train.peak_epoch * schedules.steps_per_epoch(images, params.train.batch_size)
         sweeps = {
             name.removeprefix("sweep-"): sweep_from(
-                r["curve"]["lr"], r["curve"]["loss"], r["curve"]["accuracy"], params
+                r["curve"]["lr"], r["curve"]["loss"], r["curve"]["accuracy"], params.lr_finder, warmup
             )
             for name, r in done.items()
             if r["kind"] == "sweep"
@@ -109,7 +113,7 @@ def h200_setting() -> Setting:
     for name in ("default", "max_acc"):  # the same sweep design and seed twice (GPU kernels are not bit-exact)
         rows = run["range_test"][name]["curve"]
         _, lr, loss, _, acc, _ = (list(c) for c in zip(*rows, strict=True))
-        sweeps[name] = sweep_from(lr, loss, acc, LRFinderParams())
+        sweeps[name] = sweep_from(lr, loss, acc, LRFinderParams(), 5 * 98)  # peak at epoch 5, 98 steps an epoch
     return Setting("w64_full", grid, sweeps, "H200, bf16, seed 0: one run per LRMAX")
 
 
@@ -146,31 +150,46 @@ def evaluate(setting: Setting, rules: dict[str, picks.Rule]) -> dict:
     }
 
 
-def plot(setting: Setting, summary: dict, path: Path, shown: tuple[str, ...]) -> None:
+def plot(setting: Setting, summary: dict, path: Path, shown: tuple[str, ...], default: str) -> None:
+    """Above: the grid's test accuracy against LRMAX (each seed, the mean, the band within noise of the best)
+    and the default rule's picks. Below, on the same LR axis: every rule's pick on each sweep, a row a rule."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8, 5), dpi=110)
-    ax = fig.add_subplot()
+    fig = Figure(figsize=(8, 7), dpi=110)
+    top, strip = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2]})
     for lr, accs in sorted(setting.grid.items()):
-        ax.scatter([lr] * len(accs), accs, color="0.5", s=14, zorder=3)
+        top.scatter([lr] * len(accs), accs, color="0.5", s=14, zorder=3)
     means = setting.means()
-    ax.plot(list(means), list(means.values()), color="black", label="grid: mean over seeds (dots: seeds)")
+    top.plot(list(means), list(means.values()), color="black", label="trained grid: mean over seeds (dots: seeds)")
     best = summary["best"]
-    ax.axhspan(best["mean"] - best["noise"], best["mean"], color="gold", alpha=0.3, label="within noise of the best")
-    colors = matplotlib.colormaps["tab10"].colors
-    for i, name in enumerate(shown):
-        for j, lr in enumerate(v for v in summary["rules"][name]["picks"].values() if v):
-            ax.axvline(lr, color=colors[i % 10], ls="--" if i >= 10 else "-", lw=1.2, label=name if j == 0 else None)
-    ax.set_xscale("log")
-    ax.set_xlabel("LRMAX (log scale; LRMIN = LRMAX / 10)")
-    ax.set_ylabel("test accuracy (%, all 10,000 test images)")
-    ax.set_title(f"{setting.name}: accuracy against LRMAX, and each rule's pick per sweep")
-    ax.legend(fontsize=7, loc="lower left")
+    top.axhspan(best["mean"] - best["noise"], best["mean"], color="gold", alpha=0.35, label="within noise of the best")
+    for j, lr in enumerate(v for v in summary["rules"][default]["picks"].values() if v):
+        top.axvline(lr, color="tab:red", lw=1.5, label=f"{default} (the default): its picks" if j == 0 else None)
+    top.set_ylabel("test accuracy (%, all test images)")
+    top.set_title(f"{setting.name}: accuracy against LRMAX, and each rule's pick on each sweep")
+    top.legend(fontsize=8, loc="lower left")
+    for row, name in enumerate(shown):
+        lrs = [v for v in summary["rules"][name]["picks"].values() if v]
+        color = "tab:red" if name == default else "tab:blue"
+        strip.scatter(lrs, [row] * len(lrs), color=color, s=22, zorder=3)
+    strip.axvspan(*_noise_span(setting, best), color="gold", alpha=0.35)
+    strip.set_yticks(range(len(shown)), shown, fontsize=8)
+    strip.invert_yaxis()
+    strip.grid(axis="y", color="0.9")
+    strip.set_xscale("log")
+    strip.set_xlabel("LRMAX (log scale; LRMIN = LRMAX / 10)")
     fig.tight_layout()
     outputs.write_bytes(path, _png(fig))
+
+
+def _noise_span(setting: Setting, best: dict) -> tuple[float, float]:
+    """The LRs whose interpolated grid accuracy is within noise of the best (inside the grid)."""
+    lrs = np.geomspace(min(setting.grid), max(setting.grid), 400)
+    ok = [lr for lr in lrs if setting.accuracy_at(lr)[0] >= best["mean"] - best["noise"]]
+    return min(ok), max(ok)
 
 
 def _png(fig) -> bytes:
@@ -182,9 +201,12 @@ def _png(fig) -> bytes:
 
 
 def markdown(summaries: dict[str, dict], rules: tuple[str, ...]) -> str:
-    lines = ["| rule | " + " | ".join(summaries) + " | within |", "|---" * (len(summaries) + 2) + "|"]
+    lines = [
+        "| rule | " + " | ".join(summaries) + " | within | worst shortfall |",
+        "|---" * (len(summaries) + 3) + "|",
+    ]
     for name in rules:
-        cells, wins = [], 0
+        cells, wins, short = [], 0, []
         for summary in summaries.values():
             r = summary["rules"][name]
             lrs = [v for v in r["picks"].values() if v]
@@ -193,8 +215,11 @@ def markdown(summaries: dict[str, dict], rules: tuple[str, ...]) -> str:
             acc = "-" if r["mean_accuracy"] is None else f"{mark}{r['mean_accuracy']:.2f}"
             sign = {"within": "**ok**", "miss": "miss", "?": "?"}[r["verdict"]]
             wins += r["verdict"] == "within"
+            if r["verdict"] != "?":
+                short.append(summary["best"]["mean"] - r["mean_accuracy"])
             cells.append(f"{pick:.3g} {acc} {sign}")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {wins}/{len(summaries)} |")
+        worst = f"{max(short):.2f}" if short else "-"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {wins}/{len(summaries)} | {worst} |")
     head = ["| setting | best LRMAX | best mean | noise | grid (LRMAX: mean over seeds) |", "|---|---|---|---|---|"]
     for setting, s in summaries.items():
         grid = ", ".join(f"{float(lr):.3g}: {statistics.fmean(a):.2f} (n={len(a)})" for lr, a in s["grid"].items())
@@ -208,7 +233,7 @@ def report(args) -> dict:
     rules = dict(picks.RULES)
     summaries = {s.name: evaluate(s, rules) for s in settings}
     for s in settings:
-        plot(s, summaries[s.name], args.out / f"{s.name}.png", tuple(rules))
+        plot(s, summaries[s.name], args.out / f"{s.name}.png", tuple(rules), DEFAULT)
     outputs.write_json(args.out / "summary.json", summaries)
     print(markdown(summaries, tuple(rules)))
     return summaries
