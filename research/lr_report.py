@@ -32,6 +32,8 @@ from research.lr_bench import ROOT, grid_means, load_results, read_bench
 
 NOISE_FLOOR = 0.3  # points of test accuracy
 DEFAULT = LRFinderParams().pick
+# The settings measured after picks.WARMUP_FACTOR was fixed (on the others' seed 0): its held-out check
+HELD_OUT = ("n2k_16ep", "w8_n10k_b512")
 H200 = ROOT / "docs/results/h200_gpu_run.json"
 
 
@@ -228,6 +230,35 @@ def markdown(summaries: dict[str, dict], rules: tuple[str, ...]) -> str:
     return "\n".join(head) + "\n\n" + "\n".join(lines)
 
 
+def calibration(settings: list[Setting], held_out: tuple[str, ...]) -> str:
+    """The warmup rule's factor: per setting, the best LRMAX over (lowest loss's LR x warm-up / sweep steps),
+    their geometric mean over the settings it was fitted on (all but `held_out`), and each fitted setting's
+    shortfall when the factor is fitted on the others only (leave one out)."""
+
+    def base(sweep: picks.Sweep) -> float:
+        return picks.lowest_loss_lr(sweep) * sweep.warmup_steps / sweep.num_iter
+
+    def sweeps(s: Setting) -> list[picks.Sweep]:
+        return [v for k, v in s.sweeps.items() if "-" not in k]
+
+    ratio = {s.name: statistics.geometric_mean([s.best()[0] / base(w) for w in sweeps(s)]) for s in settings}
+    fitted = [s for s in settings if s.name not in held_out and len(s.grid) >= 5]
+    lines = [
+        "| setting | best LRMAX / (lowest loss's LR x warm-up / sweep) | leave-one-out shortfall |",
+        "|---|---|---|",
+    ]
+    for s in settings:
+        others = [ratio[o.name] for o in fitted if o is not s]
+        factor = statistics.geometric_mean(others)
+        accs = [s.accuracy_at(factor * base(w))[0] for w in sweeps(s)]
+        short = s.best()[1] - statistics.fmean(accs)
+        role = "held out" if s.name in held_out else f"{short:.2f} (factor {factor:.3f} from the others)"
+        lines.append(f"| {s.name} | {ratio[s.name]:.3f} | {role} |")
+    overall = statistics.geometric_mean([ratio[s.name] for s in fitted])
+    lines.append(f"\nGeometric mean over the fitted settings ({', '.join(s.name for s in fitted)}): {overall:.3f}")
+    return "\n".join(lines)
+
+
 def report(args) -> dict:
     settings = [h200_setting(), *bench_settings(args.out, args.config)]
     rules = dict(picks.RULES)
@@ -236,4 +267,6 @@ def report(args) -> dict:
         plot(s, summaries[s.name], args.out / f"{s.name}.png", tuple(rules), DEFAULT)
     outputs.write_json(args.out / "summary.json", summaries)
     print(markdown(summaries, tuple(rules)))
+    print()
+    print(calibration(settings, HELD_OUT))
     return summaries
