@@ -32,8 +32,6 @@ from research.lr_bench import ROOT, grid_means, load_results, read_bench
 
 NOISE_FLOOR = 0.3  # points of test accuracy
 DEFAULT = LRFinderParams().pick
-# The settings measured after picks.WARMUP_FACTOR was fixed (on the others' seed 0): its held-out check
-HELD_OUT = ("n2k_16ep", "w8_n10k_b512")
 H200 = ROOT / "docs/results/h200_gpu_run.json"
 
 
@@ -230,32 +228,45 @@ def markdown(summaries: dict[str, dict], rules: tuple[str, ...]) -> str:
     return "\n".join(head) + "\n\n" + "\n".join(lines)
 
 
-def calibration(settings: list[Setting], held_out: tuple[str, ...]) -> str:
-    """The warmup rule's factor: per setting, the best LRMAX over (lowest loss's LR x warm-up / sweep steps),
-    their geometric mean over the settings it was fitted on (all but `held_out`), and each fitted setting's
-    shortfall when the factor is fitted on the others only (leave one out)."""
-
-    def base(sweep: picks.Sweep) -> float:
-        return picks.lowest_loss_lr(sweep) * sweep.warmup_steps / sweep.num_iter
+def calibration(settings: list[Setting]) -> str:
+    """The warmup rule's two constants, fitted by least squares in logs: log(best LRMAX / lowest loss's LR) =
+    WARMUP_POWER x log(warm-up steps / WARMUP_REFERENCE_STEPS), on every setting with a grid of 5 points or
+    more; then each setting's shortfall from its best when the constants are fitted on the others only."""
 
     def sweeps(s: Setting) -> list[picks.Sweep]:
         return [v for k, v in s.sweeps.items() if "-" not in k]
 
-    ratio = {s.name: statistics.geometric_mean([s.best()[0] / base(w) for w in sweeps(s)]) for s in settings}
-    fitted = [s for s in settings if s.name not in held_out and len(s.grid) >= 5]
+    def fit(group: list[Setting]) -> tuple[float, float]:
+        x, y = [], []
+        for s in group:
+            for w in sweeps(s):
+                x.append(math.log(w.warmup_steps))
+                y.append(math.log(s.best()[0] / picks.lowest_loss_lr(w)))
+        power, intercept = np.polyfit(x, y, 1)
+        return float(power), float(math.exp(-intercept / power))  # (power, reference steps)
+
+    def shortfall(s: Setting, power: float, reference: float) -> float:
+        picked = [picks.lowest_loss_lr(w) * (w.warmup_steps / reference) ** power for w in sweeps(s)]
+        return s.best()[1] - statistics.fmean(s.accuracy_at(lr)[0] for lr in picked)
+
+    fitted = [s for s in settings if len(s.grid) >= 5]
+    power, reference = fit(fitted)
     lines = [
-        "| setting | best LRMAX / (lowest loss's LR x warm-up / sweep) | leave-one-out shortfall |",
-        "|---|---|---|",
+        f"Fitted on {', '.join(s.name for s in fitted)}: power {power:.3f}, reference {reference:.0f} steps "
+        f"(committed: {picks.WARMUP_POWER}, {picks.WARMUP_REFERENCE_STEPS})",
+        "",
+        "| setting | warm-up steps | best LRMAX / lowest loss's LR | shortfall, committed constants | "
+        "shortfall, fitted without this setting |",
+        "|---|---|---|---|---|",
     ]
-    for s in settings:
-        others = [ratio[o.name] for o in fitted if o is not s]
-        factor = statistics.geometric_mean(others)
-        accs = [s.accuracy_at(factor * base(w))[0] for w in sweeps(s)]
-        short = s.best()[1] - statistics.fmean(accs)
-        role = "held out" if s.name in held_out else f"{short:.2f} (factor {factor:.3f} from the others)"
-        lines.append(f"| {s.name} | {ratio[s.name]:.3f} | {role} |")
-    overall = statistics.geometric_mean([ratio[s.name] for s in fitted])
-    lines.append(f"\nGeometric mean over the fitted settings ({', '.join(s.name for s in fitted)}): {overall:.3f}")
+    for s in fitted:
+        p, r = fit([o for o in fitted if o is not s])
+        ratio = statistics.geometric_mean([s.best()[0] / picks.lowest_loss_lr(w) for w in sweeps(s)])
+        committed = shortfall(s, picks.WARMUP_POWER, picks.WARMUP_REFERENCE_STEPS)
+        lines.append(
+            f"| {s.name} | {sweeps(s)[0].warmup_steps} | {ratio:.3f} | {committed:.2f} | "
+            f"{shortfall(s, p, r):.2f} (power {p:.2f}, reference {r:.0f}) |"
+        )
     return "\n".join(lines)
 
 
@@ -268,5 +279,5 @@ def report(args) -> dict:
     outputs.write_json(args.out / "summary.json", summaries)
     print(markdown(summaries, tuple(rules)))
     print()
-    print(calibration(settings, HELD_OUT))
+    print(calibration(settings))
     return summaries

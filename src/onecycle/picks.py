@@ -101,11 +101,12 @@ def acc_drop(s: Sweep) -> float | None:
     return accuracy_drop_lr(s.lr, s.accuracy)
 
 
-# Calibrated on the LR-finder benchmark (docs/lr-finder.md): the best LRMAX of the trained grids over min_loss's
-# LR, against the warm-up's length over the sweep's (both in optimizer steps), fits best LRMAX = WARMUP_FACTOR x
-# min_loss x warm-up / sweep. A longer warm-up carries the network further before it meets LRMAX than the
-# sweep's fresh network had gone when it met min_loss's LR; a short one, less.
-WARMUP_FACTOR = 0.41
+# Calibrated on the LR-finder benchmark's trained grids (docs/lr-finder.md): the best LRMAX over the lowest
+# loss's LR grows with the One Cycle's warm-up, in optimizer steps, as (warm-up / 170) ** 0.8. A long warm-up
+# carries the network further before it meets LRMAX than the sweep's fresh network had gone when it met the
+# lowest loss; a short one, less. The sweep's own length hardly enters (fitted: a power of -0.12).
+WARMUP_REFERENCE_STEPS = 170  # the warm-up at which LRMAX is the lowest loss's LR itself
+WARMUP_POWER = 0.8
 
 
 def lowest_loss_lr(s: Sweep) -> float:
@@ -125,11 +126,11 @@ def lowest_loss_lr(s: Sweep) -> float:
 
 
 def warmup(s: Sweep) -> float | None:
-    """The lowest loss's LR (lowest_loss_lr) scaled by the One Cycle's warm-up over the sweep's length
-    (WARMUP_FACTOR), kept inside the LRs the sweep tried; None when the warm-up is unknown."""
+    """The lowest loss's LR (lowest_loss_lr) times (warm-up steps / WARMUP_REFERENCE_STEPS) ** WARMUP_POWER,
+    kept inside the LRs the sweep tried; None when the warm-up is unknown."""
     if not s.warmup_steps:
         return None
-    lr = WARMUP_FACTOR * lowest_loss_lr(s) * s.warmup_steps / s.num_iter
+    lr = lowest_loss_lr(s) * (s.warmup_steps / WARMUP_REFERENCE_STEPS) ** WARMUP_POWER
     return float(np.clip(lr, s.lr[0], s.lr[-1]))
 
 
