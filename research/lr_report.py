@@ -117,9 +117,10 @@ def h200_setting() -> Setting:
     return Setting("w64_full", grid, sweeps, "H200, bf16, seed 0: one run per LRMAX")
 
 
-def evaluate(setting: Setting, rules: dict[str, picks.Rule]) -> dict:
-    """Per rule: each base sweep's pick and the accuracy it reads, their mean and the verdict; per kernel
-    variant, the factor between its pick and the same seed's base pick."""
+def evaluate(setting: Setting, rules: dict[str, picks.Rule], compare: dict[str, str]) -> dict:
+    """Per rule: each base sweep's pick and the accuracy it reads, their mean and the verdict; per variant sweep
+    (`compare`: variant -> the variant it is compared with, '' for the plain sweep), the factor between its
+    pick and the compared sweep's of the same seed, and whether the two picks read the same verdict."""
     best_lr, best, noise = setting.best()
     base = {k: v for k, v in setting.sweeps.items() if "-" not in k}
     table = {}
@@ -132,8 +133,10 @@ def evaluate(setting: Setting, rules: dict[str, picks.Rule]) -> dict:
         factors = {}
         for key, sweep in setting.sweeps.items():
             seed, _, variant = key.partition("-")
-            if variant and chosen.get(seed) and (lr := rule.pick(sweep)):
-                factors[key] = lr / chosen[seed]
+            against = setting.sweeps.get(f"{seed}-{compare[variant]}" if compare.get(variant) else seed)
+            if variant and against and (lr := rule.pick(sweep)) and (other := rule.pick(against)):
+                same = (setting.accuracy_at(lr)[0] >= best - noise) == (setting.accuracy_at(other)[0] >= best - noise)
+                factors[key] = {"factor": lr / other, "same_verdict": same}
         table[name] = {
             "picks": chosen,
             "accuracy": {k: acc for k, (acc, _) in read.items()},
@@ -270,14 +273,34 @@ def calibration(settings: list[Setting]) -> str:
     return "\n".join(lines)
 
 
+def rounding(summaries: dict[str, dict], compare: dict[str, str], rules: tuple[str, ...]) -> str:
+    """Each variant sweep's pick over its compared sweep's, for `rules` (a factor; * where the two read opposite
+    verdicts)."""
+    lines = ["| sweep | compared with | " + " | ".join(rules) + " |", "|---" * (len(rules) + 2) + "|"]
+    for setting, summary in summaries.items():
+        keys = sorted({k for r in rules for k in summary["rules"][r]["variant_factors"]})
+        for key in keys:
+            seed, _, variant = key.partition("-")
+            cells = []
+            for r in rules:
+                f = summary["rules"][r]["variant_factors"].get(key)
+                cells.append("-" if f is None else f"{f['factor']:.3f}" + ("" if f["same_verdict"] else " *"))
+            against = f"{seed}-{compare[variant]}" if compare.get(variant) else seed
+            lines.append(f"| {setting} {key} | {setting} {against} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def report(args) -> dict:
     settings = [h200_setting(), *bench_settings(args.out, args.config)]
     rules = dict(picks.RULES)
-    summaries = {s.name: evaluate(s, rules) for s in settings}
+    compare = {v.name: v.compare for v in read_bench(args.config).variants}
+    summaries = {s.name: evaluate(s, rules, compare) for s in settings}
     for s in settings:
         plot(s, summaries[s.name], args.out / f"{s.name}.png", tuple(rules), DEFAULT)
     outputs.write_json(args.out / "summary.json", summaries)
     print(markdown(summaries, tuple(rules)))
     print()
     print(calibration(settings))
+    print()
+    print(rounding(summaries, compare, (DEFAULT, "min_loss", "acc_drop")))
     return summaries
