@@ -1,7 +1,7 @@
 """The LR-finder benchmark: in each setting, trained grids of LRMAX beside what every pick rule reads off the sweep.
 
     python -m research.lr_bench run --archive cifar-10-binary.tar.gz [--out docs/results/lr_bench] [--workers 2]
-    python -m research.lr_bench report [--out docs/results/lr_bench]
+    python -m research.lr_bench report [--out docs/results/lr_bench] [--page docs/lr-finder.md]
 
 `run` works through the settings of research/lr_bench.yaml: per seed, a range test (the lr_range_test stage's
 own `lr_finder.find_range`, whose curve every rule reads later), and one `training.fit` per LRMAX of the grid
@@ -320,6 +320,7 @@ def main() -> None:
     report = sub.add_parser("report", help="the tables and plots, from what has finished")
     report.add_argument("--out", type=Path, default=ROOT / "docs/results/lr_bench")
     report.add_argument("--config", type=Path, default=CONFIG)
+    report.add_argument("--page", type=Path, help="also refresh the tables of this page (docs/lr-finder.md)")
     sub.add_parser("child", help=argparse.SUPPRESS).add_argument("payload", type=Path)
     args = parser.parse_args()
     try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,6 +291,19 @@ def rounding(summaries: dict[str, dict], compare: dict[str, str], rules: tuple[s
     return "\n".join(lines)
 
 
+def refresh_page(page: Path, printed: str) -> None:
+    """Put the report's tables into `page` between its `<!-- report:NAME -->` and `<!-- /report:NAME -->`
+    marks, so that the page quotes what the report prints."""
+    parts = printed.strip().split("\n\n")  # settings, rules, the fit, its table, rounding
+    sections = {"results": "\n\n".join(parts[:2]), "calibration": "\n\n".join(parts[2:4]), "rounding": parts[4]}
+    text = page.read_text()
+    for name, body in sections.items():
+        pattern = rf"(<!-- report:{name} -->\n).*?(<!-- /report:{name} -->)"
+        text = re.sub(pattern, lambda m, b=body: m.group(1) + b + "\n" + m.group(2), text, flags=re.S)
+    outputs.write_bytes(page, text.encode())
+    print(f"refreshed the tables of {page}")
+
+
 def report(args) -> dict:
     settings = [h200_setting(), *bench_settings(args.out, args.config)]
     rules = dict(picks.RULES)
@@ -298,9 +312,14 @@ def report(args) -> dict:
     for s in settings:
         plot(s, summaries[s.name], args.out / f"{s.name}.png", tuple(rules), DEFAULT)
     outputs.write_json(args.out / "summary.json", summaries)
-    print(markdown(summaries, tuple(rules)))
-    print()
-    print(calibration(settings))
-    print()
-    print(rounding(summaries, compare, (DEFAULT, "min_loss", "acc_drop")))
+    printed = "\n\n".join(
+        [
+            markdown(summaries, tuple(rules)),
+            calibration(settings),
+            rounding(summaries, compare, (DEFAULT, "min_loss", "acc_drop")),
+        ]
+    )
+    print(printed)
+    if args.page:
+        refresh_page(args.page, printed)
     return summaries
