@@ -65,7 +65,7 @@ class Setting:
         return edge, (mark if edge < best - noise else "?")
 
 
-def sweep_from(lr: list, loss: list, accuracy: list, params: LRFinderParams, warmup_steps: int) -> picks.Sweep:
+def sweep_from(lr: list, loss: list, accuracy: list, params: LRFinderParams, train_steps: int) -> picks.Sweep:
     """A saved curve as the rules read it (the moving averages recomputed as the range test computes them)."""
     return picks.Sweep(
         np.asarray(lr, float),
@@ -74,7 +74,7 @@ def sweep_from(lr: list, loss: list, accuracy: list, params: LRFinderParams, war
         np.asarray(accuracy, float),
         np.asarray(smooth(accuracy, params.smooth_beta), float),
         params.num_iter,
-        warmup_steps,
+        train_steps,
     )
 
 
@@ -90,10 +90,10 @@ def bench_settings(out: Path, config: Path) -> list[Setting]:
         done = results.get(s.name, {})
         params = parse_params(apply_overrides(base, bench.shared | s.overrides))
         images = params.data.train_limit or 50_000
-        warmup = params.train.peak_epoch * schedules.steps_per_epoch(images, params.train.batch_size)
+        steps = params.train.epochs * schedules.steps_per_epoch(images, params.train.batch_size)
         sweeps = {
             name.removeprefix("sweep-"): sweep_from(
-                r["curve"]["lr"], r["curve"]["loss"], r["curve"]["accuracy"], params.lr_finder, warmup
+                r["curve"]["lr"], r["curve"]["loss"], r["curve"]["accuracy"], params.lr_finder, steps
             )
             for name, r in done.items()
             if r["kind"] == "sweep"
@@ -114,7 +114,7 @@ def h200_setting() -> Setting:
     for name in ("default", "max_acc"):  # the same sweep design and seed twice (GPU kernels are not bit-exact)
         rows = run["range_test"][name]["curve"]
         _, lr, loss, _, acc, _ = (list(c) for c in zip(*rows, strict=True))
-        sweeps[name] = sweep_from(lr, loss, acc, LRFinderParams(), 5 * 98)  # peak at epoch 5, 98 steps an epoch
+        sweeps[name] = sweep_from(lr, loss, acc, LRFinderParams(), 24 * 98)  # 24 epochs of 98 steps
     return Setting("w64_full", grid, sweeps, "H200, bf16, seed 0: one run per LRMAX")
 
 
@@ -233,8 +233,8 @@ def markdown(summaries: dict[str, dict], rules: tuple[str, ...]) -> str:
 
 
 def calibration(settings: list[Setting]) -> str:
-    """The warmup rule's two constants, fitted by least squares in logs: log(best LRMAX / lowest loss's LR) =
-    WARMUP_POWER x log(warm-up steps / WARMUP_REFERENCE_STEPS), on every setting with a grid of 5 points or
+    """The budget rule's two constants, fitted by least squares in logs: log(best LRMAX / lowest loss's LR) =
+    BUDGET_POWER x log(training steps / BUDGET_REFERENCE_STEPS), on every setting with a grid of 5 points or
     more; then each setting's shortfall from its best when the constants are fitted on the others only."""
 
     def sweeps(s: Setting) -> list[picks.Sweep]:
@@ -244,31 +244,31 @@ def calibration(settings: list[Setting]) -> str:
         x, y = [], []
         for s in group:
             for w in sweeps(s):
-                x.append(math.log(w.warmup_steps))
+                x.append(math.log(w.train_steps))
                 y.append(math.log(s.best()[0] / picks.lowest_loss_lr(w)))
         power, intercept = np.polyfit(x, y, 1)
         return float(power), float(math.exp(-intercept / power))  # (power, reference steps)
 
     def shortfall(s: Setting, power: float, reference: float) -> float:
-        picked = [picks.lowest_loss_lr(w) * (w.warmup_steps / reference) ** power for w in sweeps(s)]
+        picked = [picks.lowest_loss_lr(w) * (w.train_steps / reference) ** power for w in sweeps(s)]
         return s.best()[1] - statistics.fmean(s.accuracy_at(lr)[0] for lr in picked)
 
     fitted = [s for s in settings if len(s.grid) >= 5]
     power, reference = fit(fitted)
     lines = [
         f"Fitted on {', '.join(s.name for s in fitted)}: power {power:.3f}, reference {reference:.0f} steps "
-        f"(committed: {picks.WARMUP_POWER}, {picks.WARMUP_REFERENCE_STEPS})",
+        f"(committed: {picks.BUDGET_POWER:.3f}, {picks.BUDGET_REFERENCE_STEPS})",
         "",
-        "| setting | warm-up steps | best LRMAX / lowest loss's LR | shortfall, committed constants | "
+        "| setting | training steps | best LRMAX / lowest loss's LR | shortfall, committed constants | "
         "shortfall, fitted without this setting |",
         "|---|---|---|---|---|",
     ]
     for s in fitted:
         p, r = fit([o for o in fitted if o is not s])
         ratio = statistics.geometric_mean([s.best()[0] / picks.lowest_loss_lr(w) for w in sweeps(s)])
-        committed = shortfall(s, picks.WARMUP_POWER, picks.WARMUP_REFERENCE_STEPS)
+        committed = shortfall(s, picks.BUDGET_POWER, picks.BUDGET_REFERENCE_STEPS)
         lines.append(
-            f"| {s.name} | {sweeps(s)[0].warmup_steps} | {ratio:.3f} | {committed:.2f} | "
+            f"| {s.name} | {sweeps(s)[0].train_steps} | {ratio:.3f} | {committed:.2f} | "
             f"{shortfall(s, p, r):.2f} (power {p:.2f}, reference {r:.0f}) |"
         )
     return "\n".join(lines)

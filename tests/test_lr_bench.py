@@ -51,6 +51,6 @@ def test_the_benchmark_runs_each_job_once_resumes_and_reports_every_rule(tmp_pat
     table = bench("report", *common).stdout
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == {"w64_full", "tiny"}  # the H200's record beside the benchmark's settings
-    assert "| warmup |" in table and "| fastai_valley |" in table and "| lightning |" in table
+    assert "| budget |" in table and "| fastai_valley |" in table and "| lightning |" in table
     assert summary["w64_full"]["best"]["lr_max"] == 0.025
     assert (out / "tiny.png").stat().st_size > 10_000 and (out / "w64_full.png").stat().st_size > 10_000

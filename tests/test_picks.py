@@ -107,25 +107,25 @@ def test_lowest_loss_lr_finds_the_bottom_between_steps_and_moves_with_it_by_a_li
     assert picks.lowest_loss_lr(sweep(nudged)) == pytest.approx(0.0123, rel=1e-4)
 
 
-def test_warmup_scales_the_lowest_loss_lr_by_a_power_of_the_warm_up_and_stays_in_the_swept_range():
+def test_budget_scales_the_lowest_loss_lr_by_a_power_of_the_training_length_and_stays_in_the_swept_range():
     bowl = 2.0 + (np.log(LR) - np.log(0.01)) ** 2
-    at_reference = picks.Sweep(LR, bowl, bowl, bowl, bowl, num_iter=41, warmup_steps=picks.WARMUP_REFERENCE_STEPS)
-    assert picks.warmup(at_reference) == pytest.approx(0.01)  # the lowest loss's LR itself
-    # a 4x longer warm-up: 4 ** 0.8 = 3.03x the LR; a 4x shorter one, a third
-    for factor in (4, 0.25):
-        s = dataclasses.replace(at_reference, warmup_steps=round(picks.WARMUP_REFERENCE_STEPS * factor))
-        assert picks.warmup(s) == pytest.approx(0.01 * factor**picks.WARMUP_POWER, rel=0.01)
-    long = picks.Sweep(LR, bowl, bowl, bowl, bowl, num_iter=41, warmup_steps=41 * 10_000)
-    assert picks.warmup(long) == LR[-1]  # never past the LRs the sweep tried
-    assert picks.warmup(picks.Sweep(LR, bowl, bowl, bowl, bowl, num_iter=41)) is None  # the warm-up unknown
+    at_reference = picks.Sweep(LR, bowl, bowl, bowl, bowl, num_iter=41, train_steps=picks.BUDGET_REFERENCE_STEPS)
+    assert picks.budget(at_reference) == pytest.approx(0.01)  # the lowest loss's LR itself
+    # an 8x longer training: 8 ** (2/3) = 4x the LR; an 8x shorter one, a quarter
+    for factor, scale in ((8, 4.0), (1 / 8, 0.25)):
+        s = dataclasses.replace(at_reference, train_steps=picks.BUDGET_REFERENCE_STEPS * factor)
+        assert picks.budget(s) == pytest.approx(0.01 * scale)
+    long = picks.Sweep(LR, bowl, bowl, bowl, bowl, num_iter=41, train_steps=41 * 10_000_000)
+    assert picks.budget(long) == LR[-1]  # never past the LRs the sweep tried
+    assert picks.budget(picks.Sweep(LR, bowl, bowl, bowl, bowl, num_iter=41)) is None  # the length unknown
 
 
-def test_pick_range_passes_the_warm_up_and_falls_back_to_min_loss_without_it():
+def test_pick_range_passes_the_training_length_and_falls_back_to_min_loss_without_it():
     bowl = 2.0 + (np.log(LR) - np.log(0.01)) ** 2
     curve = Curve(list(LR), list(bowl), list(bowl), [10.0] * 41, [10.0] * 41, "finished", 0)
     params = LRFinderParams(num_iter=41, min_div=10)
-    found = pick_range(curve, params, warmup_steps=picks.WARMUP_REFERENCE_STEPS)
+    found = pick_range(curve, params, train_steps=picks.BUDGET_REFERENCE_STEPS)
     assert found.lr_max == pytest.approx(0.01) and found.lr_min == found.lr_max / 10
-    assert found.pick == "warmup" and found.note == ""
+    assert found.pick == "budget" and found.note == ""
     unknown = pick_range(curve, params)
-    assert unknown.lr_max == pytest.approx(0.01) and "warmup found nothing" in unknown.note
+    assert unknown.lr_max == pytest.approx(0.01) and "budget found nothing" in unknown.note

@@ -31,6 +31,7 @@ from onecycle.model import build_model
 # The train keys the sweep reads (dvc.yaml lists them as the stage's params, so a change reruns it): its batches,
 # seed, optimizer, loss, precision and memory layout, as training runs them
 SWEEP_TRAIN_KEYS = (
+    "train.epochs",  # the training's length in steps, which the default pick (budget) reads
     "train.batch_size",
     "train.seed",
     "train.momentum",
@@ -170,25 +171,25 @@ def range_test(
     return Curve(lrs, losses, smoothed, accs, smoothed_accs, stop_reason, images)
 
 
-def sweep_of(curve: Curve, params: LRFinderParams, warmup_steps: int | None = None) -> picks.Sweep:
+def sweep_of(curve: Curve, params: LRFinderParams, train_steps: int | None = None) -> picks.Sweep:
     return picks.Sweep(
         *(np.asarray(v, dtype=float) for v in (curve.lr, curve.loss, curve.smoothed_loss, curve.accuracy)),
         np.asarray(curve.smoothed_accuracy, dtype=float),
         params.num_iter,
-        warmup_steps,
+        train_steps,
     )
 
 
-def pick_range(curve: Curve, params: LRFinderParams, warmup_steps: int | None = None) -> LRRange:
+def pick_range(curve: Curve, params: LRFinderParams, train_steps: int | None = None) -> LRRange:
     """LRMAX by the rule `params.pick` (picks.RULES), LRMIN = LRMAX / min_div; UserError when the curve shows no
-    range. A rule that finds nothing on the curve leaves LRMAX to min_loss, and `note` says why. `warmup_steps`:
+    range. A rule that finds nothing on the curve leaves LRMAX to min_loss, and `note` says why. `train_steps`:
     the optimizer steps of the One Cycle's climb to LRMAX in the training the range serves."""
     if not curve.lr:
         raise UserError(
             f"the LR range test saw a non-finite loss at its first step (LR {params.start_lr:g}): no range found; "
             "lower lr_finder.start_lr, or check the data"
         )
-    sweep = sweep_of(curve, params, warmup_steps)
+    sweep = sweep_of(curve, params, train_steps)
     loss, lr = sweep.smoothed_loss, sweep.lr
     best = int(np.argmin(loss))
     if best < 2 or loss[best] >= loss[0]:
@@ -205,8 +206,8 @@ def pick_range(curve: Curve, params: LRFinderParams, warmup_steps: int | None = 
         lr_max = picks.min_loss(sweep)
         note = (
             f"{params.pick} found nothing on this curve (an accuracy that never rose; for acc_drop, one still "
-            "above half its gain when the sweep stopped: raise lr_finder.end_lr to let it fall; for warmup, no "
-            "training warm-up given; or too few steps for the rule), so LRMAX is min_loss's"
+            "above half its gain when the sweep stopped: raise lr_finder.end_lr to let it fall; for budget, no "
+            "training length given; or too few steps for the rule), so LRMAX is min_loss's"
         )
     return LRRange(
         lr_min=lr_max / params.min_div,
@@ -252,4 +253,4 @@ def find_range(
     sweep_batches = loader.endless(seed=params.train.seed)
     curve = range_test(model, optimizer, sweep_batches, params.lr_finder, options=options, progress=progress)
     steps_per_epoch = schedules.steps_per_epoch(len(dataset.train.labels), params.train.batch_size)
-    return curve, pick_range(curve, params.lr_finder, params.train.peak_epoch * steps_per_epoch)
+    return curve, pick_range(curve, params.lr_finder, params.train.epochs * steps_per_epoch)

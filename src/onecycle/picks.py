@@ -38,7 +38,7 @@ class Sweep:
     accuracy: np.ndarray  # each step's batch accuracy before the step, percent
     smoothed_accuracy: np.ndarray  # its moving average, as the loss's
     num_iter: int  # the steps the sweep was to take (it may have stopped earlier, on divergence)
-    warmup_steps: int | None = None  # the One Cycle's climb to LRMAX in the training it serves (None: unknown)
+    train_steps: int | None = None  # optimizer steps of the training the range serves (None: unknown)
 
 
 @dataclass(frozen=True)
@@ -102,11 +102,12 @@ def acc_drop(s: Sweep) -> float | None:
 
 
 # Calibrated on the LR-finder benchmark's trained grids (docs/lr-finder.md): the best LRMAX over the lowest
-# loss's LR grows with the One Cycle's warm-up, in optimizer steps, as (warm-up / 170) ** 0.8. A long warm-up
-# carries the network further before it meets LRMAX than the sweep's fresh network had gone when it met the
-# lowest loss; a short one, less. The sweep's own length hardly enters (fitted: a power of -0.12).
-WARMUP_REFERENCE_STEPS = 170  # the warm-up at which LRMAX is the lowest loss's LR itself
-WARMUP_POWER = 0.8
+# loss's LR grows with the length of the training the range serves, in optimizer steps, as
+# (steps / 670) ** (2/3). A long run can afford a peak above the LR where the sweep's fresh network stopped
+# improving (it has the steps to settle after it); a short one wants less. Neither the warm-up's length nor the
+# sweep's own fitted as well (docs/lr-finder.md).
+BUDGET_REFERENCE_STEPS = 670  # the training length at which LRMAX is the lowest loss's LR itself
+BUDGET_POWER = 2 / 3
 
 
 def lowest_loss_lr(s: Sweep) -> float:
@@ -125,12 +126,12 @@ def lowest_loss_lr(s: Sweep) -> float:
     return float(np.exp(np.clip(vertex, x[0], x[2])))
 
 
-def warmup(s: Sweep) -> float | None:
-    """The lowest loss's LR (lowest_loss_lr) times (warm-up steps / WARMUP_REFERENCE_STEPS) ** WARMUP_POWER,
-    kept inside the LRs the sweep tried; None when the warm-up is unknown."""
-    if not s.warmup_steps:
+def budget(s: Sweep) -> float | None:
+    """The lowest loss's LR (lowest_loss_lr) times (training steps / BUDGET_REFERENCE_STEPS) ** BUDGET_POWER,
+    kept inside the LRs the sweep tried; None when the training's length is unknown."""
+    if not s.train_steps:
         return None
-    lr = lowest_loss_lr(s) * (s.warmup_steps / WARMUP_REFERENCE_STEPS) ** WARMUP_POWER
+    lr = lowest_loss_lr(s) * (s.train_steps / BUDGET_REFERENCE_STEPS) ** BUDGET_POWER
     return float(np.clip(lr, s.lr[0], s.lr[-1]))
 
 
@@ -232,7 +233,9 @@ RULES: dict[str, Rule] = {
     "steepest": Rule(steepest, "steepest fall of the loss", "this project"),
     "max_acc": Rule(max_acc, "highest accuracy", "the reference run"),
     "acc_drop": Rule(acc_drop, "where the batch accuracy has lost half its gain", "this project"),
-    "warmup": Rule(warmup, "the lowest loss's LR, scaled by the warm-up", "this project (the LR-finder benchmark)"),
+    "budget": Rule(
+        budget, "the lowest loss's LR, scaled by the training's length", "this project (the LR-finder benchmark)"
+    ),
     "fastai_valley": Rule(fastai_valley, "fastai's valley", "fastai callback/schedule.py"),
     "fastai_slide": Rule(fastai_slide, "fastai's slide", "fastai callback/schedule.py"),
     "fastai_minimum": Rule(fastai_minimum, "fastai's minimum (a tenth of it)", "fastai callback/schedule.py"),
