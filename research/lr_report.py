@@ -21,7 +21,7 @@ import json
 import math
 import re
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,7 @@ class Setting:
     grid: dict[float, list[float]]  # LRMAX -> test accuracy per seed
     sweeps: dict[str, picks.Sweep]  # "s0", "s1", "s0-isa_default", ...
     note: str = ""
+    features: dict[str, float] = field(default_factory=dict)  # what a rule might scale with: steps, images, ...
 
     def means(self) -> dict[float, float]:
         return {lr: statistics.fmean(accs) for lr, accs in sorted(self.grid.items())}
@@ -99,8 +100,11 @@ def bench_settings(out: Path, config: Path) -> list[Setting]:
             if r["kind"] == "sweep"
         }
         grid = grid_means(done)
+        train = params.train
+        features = {"training steps": steps, "warm-up steps": steps // train.epochs * train.peak_epoch}
+        features |= {"training images": images, "epochs": train.epochs}
         if grid and sweeps:
-            found.append(Setting(s.name, grid, sweeps))
+            found.append(Setting(s.name, grid, sweeps, features=features))
     return found
 
 
@@ -115,7 +119,8 @@ def h200_setting() -> Setting:
         rows = run["range_test"][name]["curve"]
         _, lr, loss, _, acc, _ = (list(c) for c in zip(*rows, strict=True))
         sweeps[name] = sweep_from(lr, loss, acc, LRFinderParams(), 24 * 98)  # 24 epochs of 98 steps
-    return Setting("w64_full", grid, sweeps, "H200, bf16, seed 0: one run per LRMAX")
+    features = {"training steps": 24 * 98, "warm-up steps": 5 * 98, "training images": 50_000, "epochs": 24}
+    return Setting("w64_full", grid, sweeps, "H200, bf16, seed 0: one run per LRMAX", features)
 
 
 def evaluate(setting: Setting, rules: dict[str, picks.Rule], compare: dict[str, str]) -> dict:
@@ -235,26 +240,31 @@ def markdown(summaries: dict[str, dict], rules: tuple[str, ...]) -> str:
 def calibration(settings: list[Setting]) -> str:
     """The budget rule's two constants, fitted by least squares in logs: log(best LRMAX / lowest loss's LR) =
     BUDGET_POWER x log(training steps / BUDGET_REFERENCE_STEPS), on every setting with a grid of 5 points or
-    more; then each setting's shortfall from its best when the constants are fitted on the others only."""
+    more; each setting's shortfall from its best when the constants are fitted on the others only; and the same
+    leave-one-out with another feature of the setting in place of the training steps."""
 
     def sweeps(s: Setting) -> list[picks.Sweep]:
         return [v for k, v in s.sweeps.items() if "-" not in k]
 
-    def fit(group: list[Setting]) -> tuple[float, float]:
+    def fit(group: list[Setting], feature: str) -> tuple[float, float]:
         x, y = [], []
         for s in group:
             for w in sweeps(s):
-                x.append(math.log(w.train_steps))
+                x.append(math.log(s.features[feature]))
                 y.append(math.log(s.best()[0] / picks.lowest_loss_lr(w)))
         power, intercept = np.polyfit(x, y, 1)
-        return float(power), float(math.exp(-intercept / power))  # (power, reference steps)
+        return float(power), float(math.exp(-intercept / power))  # (power, reference)
 
-    def shortfall(s: Setting, power: float, reference: float) -> float:
-        picked = [picks.lowest_loss_lr(w) * (w.train_steps / reference) ** power for w in sweeps(s)]
-        return s.best()[1] - statistics.fmean(s.accuracy_at(lr)[0] for lr in picked)
+    def shortfall(s: Setting, feature: str, power: float, reference: float) -> float:
+        scale = (s.features[feature] / reference) ** power
+        return s.best()[1] - statistics.fmean(s.accuracy_at(picks.lowest_loss_lr(w) * scale)[0] for w in sweeps(s))
+
+    def left_out(s: Setting, feature: str) -> tuple[float, float, float]:
+        power, reference = fit([o for o in fitted if o is not s], feature)
+        return shortfall(s, feature, power, reference), power, reference
 
     fitted = [s for s in settings if len(s.grid) >= 5]
-    power, reference = fit(fitted)
+    power, reference = fit(fitted, "training steps")
     lines = [
         f"Fitted on {', '.join(s.name for s in fitted)}: power {power:.3f}, reference {reference:.0f} steps "
         f"(committed: {picks.BUDGET_POWER:.3f}, {picks.BUDGET_REFERENCE_STEPS})",
@@ -264,13 +274,17 @@ def calibration(settings: list[Setting]) -> str:
         "|---|---|---|---|---|",
     ]
     for s in fitted:
-        p, r = fit([o for o in fitted if o is not s])
         ratio = statistics.geometric_mean([s.best()[0] / picks.lowest_loss_lr(w) for w in sweeps(s)])
-        committed = shortfall(s, picks.BUDGET_POWER, picks.BUDGET_REFERENCE_STEPS)
+        committed = shortfall(s, "training steps", picks.BUDGET_POWER, picks.BUDGET_REFERENCE_STEPS)
+        short, p, r = left_out(s, "training steps")
         lines.append(
-            f"| {s.name} | {sweeps(s)[0].train_steps} | {ratio:.3f} | {committed:.2f} | "
-            f"{shortfall(s, p, r):.2f} (power {p:.2f}, reference {r:.0f}) |"
+            f"| {s.name} | {s.features['training steps']:.0f} | {ratio:.3f} | {committed:.2f} | "
+            f"{short:.2f} (power {p:.2f}, reference {r:.0f}) |"
         )
+    lines += ["", "| scaled by | leave-one-out shortfall, worst | mean |", "|---|---|---|"]
+    for feature in fitted[0].features:
+        shorts = [left_out(s, feature)[0] for s in fitted]
+        lines.append(f"| {feature} | {max(shorts):.2f} | {statistics.fmean(shorts):.2f} |")
     return "\n".join(lines)
 
 
@@ -294,8 +308,8 @@ def rounding(summaries: dict[str, dict], compare: dict[str, str], rules: tuple[s
 def refresh_page(page: Path, printed: str) -> None:
     """Put the report's tables into `page` between its `<!-- report:NAME -->` and `<!-- /report:NAME -->`
     marks, so that the page quotes what the report prints."""
-    parts = printed.strip().split("\n\n")  # settings, rules, the fit, its table, rounding
-    sections = {"results": "\n\n".join(parts[:2]), "calibration": "\n\n".join(parts[2:4]), "rounding": parts[4]}
+    parts = printed.strip().split("\n\n")  # settings, rules, the fit, its table, the features, rounding
+    sections = {"results": "\n\n".join(parts[:2]), "calibration": "\n\n".join(parts[2:5]), "rounding": parts[5]}
     text = page.read_text()
     for name, body in sections.items():
         pattern = rf"(<!-- report:{name} -->\n).*?(<!-- /report:{name} -->)"
