@@ -264,6 +264,8 @@ def calibration(settings: list[Setting]) -> str:
         return shortfall(s, feature, power, reference), power, reference
 
     fitted = [s for s in settings if len(s.grid) >= 5]
+    if len(fitted) < 3:
+        return f"No fit: {len(fitted)} setting(s) with a grid of 5 points or more, and leaving one out needs 3."
     power, reference = fit(fitted, "training steps")
     lines = [
         f"Fitted on {', '.join(s.name for s in fitted)}: power {power:.3f}, reference {reference:.0f} steps "
@@ -305,11 +307,9 @@ def rounding(summaries: dict[str, dict], compare: dict[str, str], rules: tuple[s
     return "\n".join(lines)
 
 
-def refresh_page(page: Path, printed: str) -> None:
+def refresh_page(page: Path, sections: dict[str, str]) -> None:
     """Put the report's tables into `page` between its `<!-- report:NAME -->` and `<!-- /report:NAME -->`
     marks, so that the page quotes what the report prints."""
-    parts = printed.strip().split("\n\n")  # settings, rules, the fit, its table, the features, rounding
-    sections = {"results": "\n\n".join(parts[:2]), "calibration": "\n\n".join(parts[2:5]), "rounding": parts[5]}
     text = page.read_text()
     for name, body in sections.items():
         pattern = rf"(<!-- report:{name} -->\n).*?(<!-- /report:{name} -->)"
@@ -326,14 +326,12 @@ def report(args) -> dict:
     for s in settings:
         plot(s, summaries[s.name], args.out / f"{s.name}.png", tuple(rules), DEFAULT)
     outputs.write_json(args.out / "summary.json", summaries)
-    printed = "\n\n".join(
-        [
-            markdown(summaries, tuple(rules)),
-            calibration(settings),
-            rounding(summaries, compare, (DEFAULT, "min_loss", "acc_drop")),
-        ]
-    )
-    print(printed)
+    sections = {
+        "results": markdown(summaries, tuple(rules)),
+        "calibration": calibration(settings),
+        "rounding": rounding(summaries, compare, (DEFAULT, "min_loss", "acc_drop")),
+    }
+    print("\n\n".join(sections.values()))
     if args.page:
-        refresh_page(args.page, printed)
+        refresh_page(args.page, sections)
     return summaries
