@@ -44,8 +44,10 @@ from onecycle import augment, batches, data, training
 from onecycle.augment_tensor import TensorAugment, to_nchw
 from onecycle.config import IMAGE_SIZE, AugmentParams, DataParams, Params, TrainParams
 from onecycle.data import Dataset, Split
+from onecycle.errors import UserError
 from onecycle.model import CustomResNet
-from scripts.measure import flop_rate
+from scripts.experiments import tool_main
+from scripts.measure import flop_rate, sync
 from scripts.pipeline_repo import ROOT, cifar_members, pipeline_repo, shim_env, timed_repro, write_archive
 
 REFERENCE_IMAGES = 20 * 50_000  # the reference's range test: 20 one-epoch trainings
@@ -73,8 +75,7 @@ def baseline_epoch(model, optimizer, loader, device) -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
 
 
 def train_step_throughput(width: int, batch_size: int, steps: int, repeat: int, device: torch.device) -> dict:
@@ -108,8 +109,7 @@ def train_step_throughput(width: int, batch_size: int, steps: int, repeat: int, 
         training.train_one_epoch(
             model, optimizer, data, schedule, first_step=0, epoch=epoch, steps=steps, options=options, progress=False
         )
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
 
     best = dict.fromkeys(["baseline", *variants], float("inf"))
     for attempt in range(repeat + 1):  # attempt 0 warms up (allocators, cuDNN autotuning)
@@ -194,6 +194,8 @@ def augmentation(n_images: int = 5000, repeat: int = 3, batch_size: int = 512) -
 
 def decode(archive: Path, repeat: int) -> dict:
     """The download_cifar stage's work on a local archive, the download excluded (seconds, best of `repeat`)."""
+    if not archive.is_file():
+        raise UserError(f"--decode {archive}: no such file")
     md5_s, md5 = best_of(repeat, lambda: hashlib.md5(archive.read_bytes()).hexdigest())
     decode_s, dataset = best_of(repeat, lambda: data.decode_archive(archive, DataParams(url=str(archive), md5=md5)))
     with tempfile.TemporaryDirectory() as tmp:
@@ -244,6 +246,7 @@ def repro_timing(repeat: int) -> dict | None:
         return result | {"sizes": sizes, "noop_seconds": noop}
 
 
+@tool_main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "benchmark.json")
