@@ -46,6 +46,7 @@ from onecycle.config import IMAGE_SIZE, AugmentParams, DataParams, Params, Train
 from onecycle.data import Dataset, Split
 from onecycle.errors import UserError
 from onecycle.model import CustomResNet
+from onecycle.steps import StepOptions, make_optimizer
 from scripts.experiments import tool_main
 from scripts.measure import flop_rate, sync
 from scripts.pipeline_repo import ROOT, cifar_members, pipeline_repo, shim_env, timed_repro, write_archive
@@ -101,7 +102,7 @@ def train_step_throughput(width: int, batch_size: int, steps: int, repeat: int, 
     for name, precision in variants.items():
         train = TrainParams(batch_size=batch_size, channels_last=True, precision=precision)
         model = CustomResNet(width).to(device).to(memory_format=torch.channels_last)
-        models[name] = (model, training.make_optimizer(model, train, 0.01), training.StepOptions.of(train, device))
+        models[name] = (model, make_optimizer(model, train, 0.01), StepOptions.of(train, device))
 
     def project_epoch(name: str, epoch: int) -> None:
         model, optimizer, options = models[name]
