@@ -38,14 +38,14 @@ else
 endif
 
 bench: $(VENV)/.installed
-	$(BIN)/python scripts/bench.py
+	$(BIN)/python -m scripts.bench
 
 # The current params trained with seeds 0..N-1, each a DVC experiment from the range test on (the workspace is
 # left as it is): a table, reports/seeds.json (median, mean, min, max, std of test_acc) and the MLflow runs
 # tagged seeds.group. SET="-S key=value ..." adds overrides to every seed (not data.*, not train.seed).
 N ?= 5
 seeds: $(VENV)/.installed
-	$(BIN)/python scripts/seeds.py -n $(N) $(SET)
+	$(BIN)/python -m scripts.seeds -n $(N) $(SET)
 
 # Is the found LRMAX the best here? The current params trained from the found range times each of FACTORS, each a
 # DVC experiment (the workspace is left as it is): a table, reports/lr_check.json, reports/lr_check.png (accuracy
@@ -64,7 +64,7 @@ browser-check: $(VENV)/.installed
 	@test -x /usr/bin/chromium || if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; \
 	else echo "error: the browser check needs Debian's chromium: run 'sudo apt-get install chromium', then make browser-check again" >&2; exit 1; fi
 	$(BIN)/python -m pytest -q -m browser tests/test_browser.py
-	$(BIN)/python scripts/browser_check.py --out docs/screenshots $(if $(ARCHIVE),--archive '$(ARCHIVE)')
+	$(BIN)/python -m scripts.browser_check --out docs/screenshots $(if $(ARCHIVE),--archive '$(ARCHIVE)')
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

@@ -73,7 +73,7 @@ class Run:
 
     def save(self, **values) -> None:
         self.record |= values
-        # renamed into place: a run killed mid-write keeps the last whole record, which device_session.sh reads
+        # renamed into place: a run killed mid-write keeps the last whole record, which device/session.sh reads
         path = self.out / "h200-pipeline.json"
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(self.record, indent=2) + "\n")

@@ -31,7 +31,7 @@ from typing import Any
 
 from onecycle.config import Params, parse_params, read_yaml
 from onecycle.errors import UserError
-from scripts.experiments import apply_overrides, git_commit
+from scripts.experiments import apply_overrides, git_commit, tool_main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = Path(__file__).with_name("lr_bench.yaml")
@@ -308,6 +308,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"all planned jobs done in {time.perf_counter() - began:.0f} s")
 
 
+@tool_main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -323,19 +324,15 @@ def main() -> None:
     report.add_argument("--page", type=Path, help="also refresh the tables of this page (docs/lr-finder.md)")
     sub.add_parser("child", help=argparse.SUPPRESS).add_argument("payload", type=Path)
     args = parser.parse_args()
-    try:
-        if args.command == "child":
-            child(args.payload)
-        elif args.command == "run":
-            args.cache.mkdir(parents=True, exist_ok=True)
-            run(args)
-        else:
-            from research import lr_report
+    if args.command == "child":
+        child(args.payload)
+    elif args.command == "run":
+        args.cache.mkdir(parents=True, exist_ok=True)
+        run(args)
+    else:
+        from research import lr_report
 
-            lr_report.report(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        lr_report.report(args)
 
 
 if __name__ == "__main__":

@@ -44,8 +44,11 @@ from onecycle import augment, batches, data, training
 from onecycle.augment_tensor import TensorAugment, to_nchw
 from onecycle.config import IMAGE_SIZE, AugmentParams, DataParams, Params, TrainParams
 from onecycle.data import Dataset, Split
+from onecycle.errors import UserError
 from onecycle.model import CustomResNet
-from scripts.measure import flop_rate
+from onecycle.steps import StepOptions, make_optimizer
+from scripts.experiments import tool_main
+from scripts.measure import flop_rate, sync
 from scripts.pipeline_repo import ROOT, cifar_members, pipeline_repo, shim_env, timed_repro, write_archive
 
 REFERENCE_IMAGES = 20 * 50_000  # the reference's range test: 20 one-epoch trainings
@@ -73,8 +76,7 @@ def baseline_epoch(model, optimizer, loader, device) -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
 
 
 def train_step_throughput(width: int, batch_size: int, steps: int, repeat: int, device: torch.device) -> dict:
@@ -100,7 +102,7 @@ def train_step_throughput(width: int, batch_size: int, steps: int, repeat: int, 
     for name, precision in variants.items():
         train = TrainParams(batch_size=batch_size, channels_last=True, precision=precision)
         model = CustomResNet(width).to(device).to(memory_format=torch.channels_last)
-        models[name] = (model, training.make_optimizer(model, train, 0.01), training.StepOptions.of(train, device))
+        models[name] = (model, make_optimizer(model, train, 0.01), StepOptions.of(train, device))
 
     def project_epoch(name: str, epoch: int) -> None:
         model, optimizer, options = models[name]
@@ -108,8 +110,7 @@ def train_step_throughput(width: int, batch_size: int, steps: int, repeat: int, 
         training.train_one_epoch(
             model, optimizer, data, schedule, first_step=0, epoch=epoch, steps=steps, options=options, progress=False
         )
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
 
     best = dict.fromkeys(["baseline", *variants], float("inf"))
     for attempt in range(repeat + 1):  # attempt 0 warms up (allocators, cuDNN autotuning)
@@ -194,6 +195,8 @@ def augmentation(n_images: int = 5000, repeat: int = 3, batch_size: int = 512) -
 
 def decode(archive: Path, repeat: int) -> dict:
     """The download_cifar stage's work on a local archive, the download excluded (seconds, best of `repeat`)."""
+    if not archive.is_file():
+        raise UserError(f"--decode {archive}: no such file")
     md5_s, md5 = best_of(repeat, lambda: hashlib.md5(archive.read_bytes()).hexdigest())
     decode_s, dataset = best_of(repeat, lambda: data.decode_archive(archive, DataParams(url=str(archive), md5=md5)))
     with tempfile.TemporaryDirectory() as tmp:
@@ -244,6 +247,7 @@ def repro_timing(repeat: int) -> dict | None:
         return result | {"sizes": sizes, "noop_seconds": noop}
 
 
+@tool_main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "benchmark.json")

@@ -215,13 +215,17 @@ def test_airbench_export_is_what_its_loader_reads_and_no_cuda_skips_its_runs(par
     assert results["summary"]["airbench94"]["skipped"] == 2 and results["summary"]["airbench94"]["tta"]["n"] == 0
 
 
-def test_bench_runs_without_the_repro_timing(tmp_path):
+def test_bench_runs_without_the_repro_timing_and_times_the_decode_of_an_archive(tmp_path, small_archive):
     # as on a lent GPU machine, which has no DVC: every other figure is measured and written
     out = tmp_path / "bench.json"
     sizes = ["--width", "2", "--batch-size", "16", "--steps", "1", "--repeat", "1"]
-    done = script("scripts.bench", "--out", str(out), *sizes, "--no-repro")
+    done = script("scripts.bench", "--out", str(out), *sizes, "--no-repro", "--decode", str(small_archive[0]))
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(out.read_text())
     assert results["noop_repro_seconds"] is None and "not measured" in done.stdout
     assert results["train_step"]["baseline_images_per_s"] > 0 and results["train_step"]["project_ratio"] > 0
     assert results["augmentation"]["batched_ratio"] > 0 and results["range_test"]["planned_images"] == 96 * 512
+    decoded = results["decode"]  # the download stage's work on the 600 + 200 images, best of 3
+    assert decoded["images"] == 800 and decoded["repeat"] == 3 and "download_cifar's work on 800 images" in done.stdout
+    parts = decoded["md5_seconds"] + decoded["decode_seconds"] + decoded["write_seconds"]
+    assert decoded["seconds"] == pytest.approx(parts) and min(decoded["md5_seconds"], decoded["write_seconds"]) > 0
