@@ -9,7 +9,7 @@ export DVC_NO_ANALYTICS := 1
 # Stage commands in dvc.yaml call `python`: the venv's.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: run test lint bench quick seeds lr-check browser-check clean-venv
+.PHONY: run test lint bench quick seeds lr-check register browser-check clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,11 @@ seeds: $(VENV)/.installed
 FACTORS ?= 0.5,1,2
 lr-check: $(VENV)/.installed
 	$(BIN)/python -m scripts.lr_check --factors $(FACTORS)
+
+# Register the MLflow model of the run that trained models/model.pt in MLflow's Model Registry (a new version of
+# cifar10-custom-resnet; NAME=... another name, RUN=<run id> another training run's model).
+register: $(VENV)/.installed
+	$(BIN)/python -m scripts.register_model $(if $(RUN),--run '$(RUN)') $(if $(NAME),--name '$(NAME)')
 
 # What a user sees in `mlflow ui`, in headless Chromium: two quick runs of the real pipeline, then the runs view,
 # the charts, one run and the compare page. First the check (tests/test_browser.py, on a small made-up archive),

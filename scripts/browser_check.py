@@ -32,7 +32,8 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from onecycle.errors import UserError
-from onecycle.tracking import EXPERIMENT, RANGE_EXPERIMENT, VIEW_KEY
+from onecycle.mlflow_ui import VIEW_KEY
+from onecycle.tracking import EXPERIMENT, MODEL_NAME, RANGE_EXPERIMENT
 from scripts.experiments import tool_main
 from scripts.pipeline_repo import ROOT, pipeline_repo
 
