@@ -193,7 +193,7 @@ class Checkpoint:
 
 def check_fits(train: TrainParams, n_images: int, world: int = 1) -> None:
     """Stop a run that cannot train on `n_images` training images, naming the param to change. The stages
-    call it before any work (the range test before its sweep, training before it opens an MLflow run)."""
+    call it before any work (the range test before its sweep, the training stage before it starts tracking)."""
     if train.batch_size > n_images:
         raise UserError(
             f"train.batch_size = {train.batch_size} is more than the {n_images} training images, so every batch "
