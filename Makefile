@@ -58,7 +58,7 @@ lr-check: $(VENV)/.installed
 # Register the MLflow model of the run that trained models/model.pt in MLflow's Model Registry (a new version of
 # cifar10-custom-resnet; NAME=... another name, RUN=<run id> another training run's model).
 register: $(VENV)/.installed
-	$(BIN)/python -m scripts.register_model $(if $(RUN),--run '$(RUN)') $(if $(NAME),--name '$(NAME)')
+	$(BIN)/python scripts/register_model.py $(if $(RUN),--run '$(RUN)') $(if $(NAME),--name '$(NAME)')
 
 # What a user sees in `mlflow ui`, in headless Chromium: two quick runs of the real pipeline, then the runs view,
 # the charts, one run and the compare page. First the check (tests/test_browser.py, on a small made-up archive),
