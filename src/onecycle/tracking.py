@@ -43,6 +43,8 @@ VIEW_COLUMNS = {
         *(mlflow_ui.column("metrics", m) for m in ("test_acc", "best_test_acc")),
         *(mlflow_ui.column("params", p) for p in ("lr_min", "lr_max", "train.epochs", "model.width", "train.seed")),
         mlflow_ui.column("tags", "dvc.exp_name"),
+        # the runs' data (name and md5) and logged model, which a view of its own hides unless it lists them
+        *(mlflow_ui.column("attributes", a) for a in ("Dataset", "Models")),
     ],
     RANGE_EXPERIMENT: [
         *(mlflow_ui.column("metrics", m) for m in ("range/lr_min", "range/lr_max")),
