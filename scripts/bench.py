@@ -10,7 +10,9 @@
    batches of 512 as training runs it (from the dataset padded once) and on one whole batch, against
    albumentations image by image, on the same 5,000 random images, best of 3 after a warm-up, taking turns.
 3. The LR range test's cost in training images against the reference's 20 epochs of 50,000.
-4. `dvc repro` of the whole pipeline at a tiny size (width 4, 200 images, 2 epochs) in a temporary git
+4. The cost of MLflow's system metrics: training steps with its monitor sampling every second against the same
+   steps without it, alternating in one process (a ratio of 1.00x: no cost).
+5. `dvc repro` of the whole pipeline at a tiny size (width 4, 200 images, 2 epochs) in a temporary git
    repository: its wall time, each stage's process, DVC's own share, the part after the download stage, and a
    `dvc repro` that has nothing to do (skipped, and said so, with --no-repro or where DVC is not installed).
    device/pipeline.py times the real-size run on a GPU the same way.
@@ -247,6 +249,64 @@ def repro_timing(repeat: int) -> dict | None:
         return result | {"sizes": sizes, "noop_seconds": noop}
 
 
+def system_metrics_cost(width: int, batch_size: int, steps: int, repeat: int, device: torch.device) -> dict:
+    """Training steps with MLflow's system-metrics monitor sampling (what every training run logs: CPU, memory,
+    disk, network, GPU) against the same steps without it, in this process, alternating, best of `repeat`. It
+    samples every second here, ten times as often as in the stages (tracking.SYSTEM_METRICS_SECONDS), into a
+    SQLite store of its own, and each timed window lasts at least 3 s, so that it holds samples."""
+    import logging
+
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    from mlflow.tracking import MlflowClient
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # no line per monitor start and stop
+
+    n = batch_size * steps
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, n).astype(np.int64)
+    mean, std = data.channel_stats(images)
+    dataset = Dataset(Split(images, labels), Split(images[:batch_size], labels[:batch_size]), (), mean, std)
+    train = TrainParams(batch_size=batch_size, channels_last=True)
+    loader = batches.TrainLoader(dataset, AugmentParams(backend="tensor"), batch_size, device)
+    options = training.StepOptions.of(train, device)
+    model = options.place(CustomResNet(width), device)
+    optimizer = training.make_optimizer(model, train, 0.01)
+
+    def window(rounds: int) -> float:
+        start = time.perf_counter()
+        for r in range(rounds):
+            training.train_one_epoch(
+                model, optimizer, loader.epoch(seed=0, epoch=r), [(0.01, 0.9)] * steps, first_step=0, epoch=r,
+                steps=steps, options=options, progress=False,
+            )  # fmt: skip
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    rounds = max(1, int(np.ceil(3.0 / window(1))))  # the first window also warms up
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
+        client = MlflowClient(uri)
+        run_id = client.create_run(client.create_experiment("bench")).info.run_id
+        best = {"off": float("inf"), "on": float("inf")}
+        for _ in range(repeat):
+            best["off"] = min(best["off"], window(rounds))
+            monitor = SystemMetricsMonitor(run_id, sampling_interval=1, tracking_uri=uri)
+            monitor.start()
+            best["on"] = min(best["on"], window(rounds))
+            monitor.finish()
+        samples = len(client.get_metric_history(run_id, "system/cpu_utilization_percentage"))
+    return {
+        "images_per_window": n * rounds,
+        "seconds_without": best["off"],
+        "seconds_with": best["on"],
+        "ratio": best["off"] / best["on"],  # throughput with the monitor / without: 1 = no cost
+        "samples_logged": samples,
+        "sampling_seconds": 1,
+    }
+
+
 @tool_main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -263,6 +323,7 @@ def main() -> None:
     step = train_step_throughput(args.width, args.batch_size, args.steps, args.repeat, device)
     aug = augmentation()
     cost = range_test_cost()
+    system = system_metrics_cost(args.width, args.batch_size, args.steps, args.repeat + 1, device)
     repro = None if args.no_repro else repro_timing(repeat=3)
     decoded = args.decode and decode(args.decode, repeat=3)
     results = {
@@ -270,6 +331,7 @@ def main() -> None:
         "train_step": step,
         "augmentation": aug,
         "range_test": cost,
+        "system_metrics": system,
         "noop_repro_seconds": repro and repro["noop_seconds"],
         "repro": repro,
         "decode": decoded,
@@ -293,6 +355,11 @@ def main() -> None:
     print(
         f"| LR range test (training images) | {cost['reference_images']:,} | {cost['planned_images']:,} | "
         f"{cost['ratio']:.1f}x fewer |"
+    )
+    print(
+        f"| training steps with MLflow system metrics sampled every {system['sampling_seconds']} s (images/s; "
+        f"{system['samples_logged']} samples) | {system['images_per_window'] / system['seconds_without']:,.0f} | "
+        f"{system['images_per_window'] / system['seconds_with']:,.0f} | {system['ratio']:.3f}x |"
     )
     if repro is None:
         print("| `dvc repro` (s) | | not measured (--no-repro, or DVC is not installed) | |")

@@ -3,8 +3,9 @@
 Two quick runs of the real pipeline (`dvc exp run`, tiny model, a few epochs) in a temporary git repository,
 then the real `mlflow ui` on 127.0.0.1 against its mlflow.db, then headless Chromium (Debian's `chromium`,
 driven by playwright) on the pages the README sends a user to. It saves one screenshot per page and fails,
-naming what it missed, when the runs view does not list the training runs with their metrics, shows a
-range-test run, or when the charts hold a range-test curve.
+naming what it missed, when the runs view does not list the training runs with their metrics and datasets,
+shows a range-test run, when a run's page lacks its datasets or logged model, or when the charts hold a
+range-test curve.
 
     python -m scripts.browser_check --out docs/screenshots                 # params.yaml's data.url (internet)
     python -m scripts.browser_check --archive /path/cifar-10-binary.tar.gz --out /tmp/shots  # a local copy
@@ -32,7 +33,8 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from onecycle.errors import UserError
-from onecycle.tracking import EXPERIMENT, RANGE_EXPERIMENT, VIEW_KEY
+from onecycle.mlflow_ui import VIEW_KEY
+from onecycle.tracking import EXPERIMENT, MODEL_NAME, RANGE_EXPERIMENT
 from scripts.experiments import tool_main
 from scripts.pipeline_repo import ROOT, pipeline_repo
 
@@ -64,6 +66,7 @@ class Seen:
 
     runs_view: str = ""  # the runs view's visible text
     charts_view: str = ""
+    run_view: str = ""  # one training run's page
     run_names: list[str] = field(default_factory=list)  # the training runs' names in the store
     range_names: list[str] = field(default_factory=list)  # the range-test runs' names in the store
     screenshots: list[str] = field(default_factory=list)
@@ -176,7 +179,9 @@ def check(repo: Path, out: Path) -> Seen:
         last = runs[-1].info.run_id
         page.goto(f"{experiment}/runs/{last}?workflowType=machine_learning")
         page.get_by_text("Test accuracy").first.wait_for(timeout=60_000)
+        page.get_by_text("cifar10-train").first.wait_for(timeout=60_000)  # the datasets load after the page
         shot("run.png")
+        seen.run_view = page.inner_text("body")
         page.set_viewport_size(TALL)
         page.goto(f"{experiment}/runs/{last}/model-metrics?workflowType=machine_learning")
         page.locator(".js-plotly-plot").nth(len(CHART_METRICS) - 1).wait_for(timeout=60_000)
@@ -200,6 +205,11 @@ def check(repo: Path, out: Path) -> Seen:
     for metric in ("test_acc", "best_test_acc", "lr_max"):
         if metric not in seen.runs_view:
             seen.problems.append(f"the runs view has no {metric} column")
+    if "cifar10-train" not in seen.runs_view:
+        seen.problems.append("the runs view's Datasets column does not list cifar10-train")
+    # its datasets (the first by name, "+1" for the other; -first-N ends a limited split's name) and its model
+    if "cifar10-train" not in seen.run_view or MODEL_NAME not in seen.run_view.split():
+        seen.problems.append(f"the run's page does not show its dataset cifar10-train or its model {MODEL_NAME!r}")
     for metric in CHART_METRICS:
         if metric not in seen.charts_view:
             seen.problems.append(f"the chart view has no {metric} chart")

@@ -108,7 +108,7 @@ def check(args: argparse.Namespace) -> int:
             why = f"dvc exp run exited with {status} (its output is above)" if status else "no finished MLflow run"
             report["failed"].append({"factor": factor, "exp_name": name, "error": why})
         else:
-            tracker.set_tags(run.info.run_id, {"lr_check.group": group, "lr_check.factor": factor})
+            tracker.run(run.info.run_id).set_tags({"lr_check.group": group, "lr_check.factor": factor})
             report["runs"].append(
                 {
                     "factor": factor,

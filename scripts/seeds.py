@@ -133,7 +133,7 @@ def run_seeds(args: argparse.Namespace) -> int:
             why = f"dvc exp run exited with {status} (its output is above)" if status else "no finished MLflow run"
             failed.append({"seed": seed, "exp_name": name, "error": why})
         else:
-            tracker.set_tags(run.info.run_id, {"seeds.group": group, "seeds.seed": seed, "seeds.n": args.n})
+            tracker.run(run.info.run_id).set_tags({"seeds.group": group, "seeds.seed": seed, "seeds.n": args.n})
             metrics, logged = run.data.metrics, run.data.params
             runs.append(
                 {

@@ -4,11 +4,12 @@
 
 import argparse
 import os
+import time
 from pathlib import Path
 
 from mlflow.entities import Metric
 
-from onecycle import data, distributed, lr_finder, outputs
+from onecycle import data, distributed, estimate, lr_finder, outputs
 from onecycle.config import Params, flatten, load_params
 from onecycle.errors import stage_main
 from onecycle.tracking import EXPERIMENT, RANGE_EXPERIMENT, Tracker
@@ -40,13 +41,15 @@ def main() -> None:
     parser.add_argument("--curve", type=Path, required=True, help="CSV to write: one row per sweep step")
     args = parser.parse_args()
     params = load_params(args.params)
-    tracker = Tracker(
-        experiment=RANGE_EXPERIMENT
-    )  # an unreachable tracking server stops the stage here, before the sweep
+    tracker = Tracker(experiment=RANGE_EXPERIMENT)  # an unreachable tracking server stops the stage here
     dataset = data.load(args.data)
     device = distributed.resolve_device(params.train.device)
+    # times the first steps and says, once, when the range test and training will take long
+    timer = estimate.SweepTimer(params, len(dataset.train.labels), len(dataset.test.labels), device.type)
 
-    curve, found = lr_finder.find_range(params, dataset, device)  # no range: a clear error, nothing written
+    started = time.time()  # the run's start and end in MLflow are the sweep's
+    curve, found = lr_finder.find_range(params, dataset, device, on_step=timer)  # no range: a clear error
+    swept = time.time()
     summary = found.as_dict(curve, len(dataset.train.labels))
 
     outputs.write_csv(args.curve, lr_finder.CSV_COLUMNS, curve.rows())
@@ -57,27 +60,29 @@ def main() -> None:
         f"the training set, {curve.stop_reason}"
     )
 
-    run_id = tracker.start_run(
+    flat = flatten(params)
+    run = tracker.start_run(
         "lr_range_test",
-        {k: v for k, v in flatten(params).items() if k.split(".")[0] in ("lr_finder", "model", "augment", "data")}
-        | {k: v for k, v in flatten(params).items() if k in lr_finder.SWEEP_TRAIN_KEYS},
+        {k: v for k, v in flat.items() if k.split(".")[0] in ("lr_finder", "model", "augment", "data")}
+        | {k: v for k, v in flat.items() if k in lr_finder.SWEEP_TRAIN_KEYS},
         # "Source" in MLflow's UI: this script, whose name is not the stage's
         {"data.md5": params.data.md5, "mlflow.source.name": "stages/find_lr_range.py"},
         detail=f"range test · w{params.model.width} · {len(curve.lr)} steps · LRMAX {found.lr_max:.4g}",
         note=describe(params, found, summary, os.environ.get("DVC_EXP_NAME")),
+        start_ms=int(started * 1000),
     )
-    # Keys of their own (range/...), in an experiment of their own: never on the training runs' charts.
-    tracker.log_metric_rows(
-        run_id,
-        [
-            Metric(f"range/{name}", value, 0, step)
-            for step, *values in curve.rows()
-            for name, value in zip(lr_finder.CSV_COLUMNS[1:], values, strict=True)
-        ],
-    )
-    tracker.log_metrics(run_id, 0, {"range/lr_min": found.lr_min, "range/lr_max": found.lr_max})
-    tracker.log_artifacts(run_id, [args.range, args.curve])
-    tracker.finish(run_id)
+    with run:
+        # Keys of their own (range/...), in an experiment of their own: never on the training runs' charts.
+        run.log_metric_rows(
+            [
+                Metric(f"range/{name}", value, 0, step)
+                for step, *values in curve.rows()
+                for name, value in zip(lr_finder.CSV_COLUMNS[1:], values, strict=True)
+            ],
+        )
+        run.log_metrics(0, {"range/lr_min": found.lr_min, "range/lr_max": found.lr_max})
+        run.log_artifacts([args.range, args.curve])
+        run.end_ms = int(swept * 1000)
     tracker.print_where()
 
 

@@ -116,12 +116,12 @@ def main() -> None:
     correct = int((pred == true).sum())
     print(f"wrote {len(figures)} plots to {args.out}; test accuracy {100 * correct / len(true):.2f}%")
 
-    run_id = tracker.run_of_model(model_sha256)
-    if run_id is None:
+    run = tracker.run_of_model(model_sha256)
+    if run is None:
         print(f"note: no MLflow run at {tracker.uri} produced {args.model}, so the plots were not logged to MLflow")
         return
-    tracker.log_artifacts(run_id, [args.out / name for name in figures], "plots")
-    print(f"logged the plots to MLflow run {run_id} (artifacts/plots)")
+    run.log_artifacts([args.out / name for name in figures], "plots")
+    print(f"logged the plots to MLflow run {run.id} (artifacts/plots): {run.url}")
     tracker.print_where()
 
 

@@ -6,17 +6,21 @@ outputs and logs to MLflow.
 """
 
 import argparse
+import contextlib
+import copy
 import dataclasses
 import os
 from pathlib import Path
 
 import torch
 
-from onecycle import data, distributed, lr_finder, outputs, training
+from onecycle import data, distributed, estimate, lr_finder, outputs, training
 from onecycle.config import Params, flatten, load_params
 from onecycle.errors import stage_main
-from onecycle.model import build_model
+from onecycle.model import Classifier, build_model
 from onecycle.tracking import RANGE_EXPERIMENT, Tracker, file_sha256
+
+RUN_KEY = "mlflow_run_id"  # the checkpoint's record of the MLflow run its epochs were logged to
 
 
 def final_metrics(history: list[training.EpochRecord], lr_min: float, lr_max: float) -> dict:
@@ -86,52 +90,58 @@ def train(args: argparse.Namespace, params: Params, group: distributed.Group, de
     resume = training.Checkpoint.load(
         args.checkpoint, training.fingerprint(params, lr_min, lr_max), quiet=not group.is_main
     )
-    run_id = None
+    run = contextlib.nullcontext()  # the processes other than rank 0 track nothing
     if tracker:
-        run_params = flatten(params) | {"lr_min": lr_min, "lr_max": lr_max}
-        tags = {"data.md5": params.data.md5}
-        run_id = tracker.start_run(
+        run = tracker.start_run(
             "train_one_cycle",
-            run_params,
-            tags,
-            run_id=resume.run_id if resume else None,
+            flatten(params) | {"lr_min": lr_min, "lr_max": lr_max},
+            {"data.md5": params.data.md5},
+            run_id=resume.extra.get(RUN_KEY) if resume else None,
             detail=f"w{params.model.width} · seed {params.train.seed} · {params.train.epochs} ep · LRMAX {lr_max:.4g}",
             note=describe(params, lr_min, lr_max, images),
+            stopped_note=lambda status: describe(params, lr_min, lr_max, images, status=f"{status} before the end"),
+            system_metrics=True,
         )
 
-    def log_epoch(record: training.EpochRecord) -> None:
+    def on_epoch(record: training.EpochRecord) -> None:
         values = dataclasses.asdict(record)
         metrics = {k: values[k] for k in training.HISTORY_COLUMNS[1:-1]}
-        tracker.log_metrics(run_id, record.epoch, metrics, what=f"the metrics of epoch {record.epoch}")
+        run.log_metrics(record.epoch, metrics, f"the metrics of epoch {record.epoch}")
+        if record.epoch == len(resume.history if resume else []) + 1:  # the first epoch of this process
+            estimate.after_first_epoch(record.seconds, record.epoch, params, device.type)
 
-    try:
+    # A KeyboardInterrupt (Ctrl-C, SIGTERM) ends the run KILLED, any other exception FAILED; the checkpoint of the
+    # last finished epoch stays for the next `dvc repro` to resume from.
+    with run:
+        if tracker and not run.resumed:
+            test_images = len(dataset.test.labels)
+            splits = {"train": (images, params.data.train_limit), "test": (test_images, params.data.test_limit)}
+            run.log_datasets(params.data.url, params.data.md5, splits)
         history = training.fit(
             model, dataset, params, lr_min, lr_max, device, group=group, checkpoint_path=args.checkpoint,
-            resume=resume, run_id=run_id, on_epoch=log_epoch if tracker else None,
+            resume=resume, extra={RUN_KEY: run.id} if tracker else {}, on_epoch=on_epoch,
         )  # fmt: skip
-    except BaseException as exc:
-        if tracker:
-            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-            tracker.set_note(run_id, describe(params, lr_min, lr_max, images, status=f"{status} before the end"))
-            tracker.finish(run_id, status)
-        raise
-    if not group.is_main:
-        return
+        if not group.is_main:
+            return
 
-    metrics = final_metrics(history, lr_min, lr_max)
-    outputs.torch_save({k: v.cpu().contiguous() for k, v in model.state_dict().items()}, args.model)
-    rows = [[getattr(r, c) for c in training.HISTORY_COLUMNS] for r in history]
-    outputs.write_csv(args.history, training.HISTORY_COLUMNS, rows)
-    outputs.write_json(args.metrics, metrics)
-    args.checkpoint.unlink(missing_ok=True)  # the run is complete: a rerun trains afresh
+        metrics = final_metrics(history, lr_min, lr_max)
+        outputs.torch_save({k: v.cpu().contiguous() for k, v in model.state_dict().items()}, args.model)
+        rows = [[getattr(r, c) for c in training.HISTORY_COLUMNS] for r in history]
+        outputs.write_csv(args.history, training.HISTORY_COLUMNS, rows)
+        outputs.write_json(args.metrics, metrics)
+        args.checkpoint.unlink(missing_ok=True)  # the run is complete: a rerun trains afresh
 
-    tracker.set_tags(run_id, {"model_sha256": file_sha256(args.model)})
-    tracker.set_note(run_id, describe(params, lr_min, lr_max, images, metrics))
-    tracker.log_metrics(run_id, len(history), {"best_test_acc": metrics["best_test_acc"]})
-    tracker.log_artifacts(run_id, [args.model, args.metrics, args.history, Path(args.params)])
-    tracker.finish(run_id)
+        run.set_tags({"model_sha256": file_sha256(args.model)})
+        run.set_note(describe(params, lr_min, lr_max, images, metrics))
+        run.log_metrics(len(history), {"best_test_acc": metrics["best_test_acc"]})
+        run.log_artifacts([args.model, args.metrics, args.history, Path(args.params)])
+        # on the CPU, in the standard layout: it loads and serves without this run's device
+        net = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format)
+        run.log_model(Classifier(net, dataset.mean, dataset.std).eval(), dataset.test.images[:2])
     tracker.report_lost(kept_in=f"{args.history}, {args.metrics} and {args.model}")
     tracker.print_where()
+    if not tracker.lost:
+        print(f"MLflow run: {run.url}")
     print(
         f"test accuracy {metrics['test_acc']:.2f}% after {len(history)} epochs (best {metrics['best_test_acc']:.2f}%)"
     )

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import mlflow
+import mlflow.pyfunc
+import mlflow.pytorch
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -29,11 +34,15 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("download_cifar", "lr_range_test", "train_one_cycle", "plot_reports")
 
 
-def sh(repo: Path, *args: str) -> subprocess.CompletedProcess:
+def sh_env() -> dict:
     env = os.environ.copy()
     env.pop("MLFLOW_TRACKING_URI", None)  # the default: mlflow.db at the repository root
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # `python` in dvc.yaml: this one
-    result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
+    return env
+
+
+def sh(repo: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=repo, env=sh_env() | (env or {}), capture_output=True, text=True)
     assert result.returncode == 0, f"{args} failed:\n{result.stdout}\n{result.stderr}"
     return result
 
@@ -57,8 +66,20 @@ def mlflow_runs(repo: Path, stage: str):
 
 
 def test_repro_runs_the_four_stages_and_writes_every_output(repo):
-    result = sh(repo, "dvc", "repro")
+    # a threshold of 0 minutes: the estimates a long CPU run prints, at this tiny size
+    result = sh(repo, "dvc", "repro", env={"ONECYCLE_WARN_MINUTES": "0"})
     assert ran(result) == list(STAGES)
+    assert re.search(
+        r"note: at [0-9.e-]+ s a step on cpu \(model.width 4, batch 64\), the range test and 2 epochs "
+        r"will take about [0-9]+ (s|min)\. Faster: a GPU .*`make quick`",
+        result.stdout,
+    ), result.stdout
+    assert re.search(r"note: epoch 1 took [0-9]+ s: the 1 epoch left will take about", result.stdout)
+    # the training run's own page, in MLflow's training view (not its GenAI one)
+    assert re.search(
+        r"MLflow run: http://127\.0\.0\.1:5000/#/experiments/1/runs/[0-9a-f]{32}\?workflowType=machine_learning",
+        result.stdout,
+    )
 
     meta = json.loads((repo / "data/cifar10/meta.json").read_text())
     assert (meta["train_images"], meta["test_images"]) == (600, 200)
@@ -107,6 +128,16 @@ def test_the_training_run_is_in_the_mlflow_store(repo):
     assert note.startswith(f"**Test accuracy {metrics['test_acc']:.2f}%** after 2 epochs"), note
     assert f"LR range {found['lr_min']:.4g} - {found['lr_max']:.4g}" in note and "DVC experiment: none" in note
 
+    # the datasets, as MLflow's Datasets column lists them: the archive's md5 as the digest, with the sizes
+    md5 = yaml.safe_load((repo / "params.yaml").read_text())["data"]["md5"]
+    datasets = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert set(datasets) == {"cifar10-train", "cifar10-test"}
+    assert {d.dataset.digest for d in datasets.values()} == {md5}
+    assert json.loads(datasets["cifar10-train"].dataset.profile)["images"] == 600
+    assert [t.value for t in datasets["cifar10-test"].tags] == ["test"]  # mlflow.data.context
+    # system metrics (CPU, memory) sampled while it trained
+    assert "system/cpu_utilization_percentage" in run.data.metrics
+
     # the range test's run: in its own experiment, under keys of its own
     _, range_runs = mlflow_runs(repo, "lr_range_test")
     assert len(range_runs) == 1
@@ -117,6 +148,27 @@ def test_the_training_run_is_in_the_mlflow_store(repo):
     assert " · range test · w4 · " in range_run.info.run_name
     assert range_run.data.tags["mlflow.source.name"] == "stages/find_lr_range.py"
     assert range_run.data.tags["mlflow.note.content"].startswith(f"**LR range {found['lr_min']:.4g} - ")
+
+
+def test_the_logged_model_classifies_as_the_stage_measured_and_registers_in_one_command(repo):
+    """`mlflow.pytorch.load_model("runs:/<id>/model")` gives a network that takes the test images as data/cifar10
+    holds them (uint8 NHWC) and scores the stage's test accuracy; `make register` makes it a registry version."""
+    _, [run] = mlflow_runs(repo, "train_one_cycle")
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    images = np.load(repo / "data/cifar10/test_images.npy")
+    labels = np.load(repo / "data/cifar10/test_labels.npy")
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    with torch.no_grad():
+        predicted = model(torch.from_numpy(images)).argmax(1).numpy()
+    assert 100 * (predicted == labels).mean() == pytest.approx(metrics["test_acc"])
+
+    registered = sh(repo, sys.executable, str(ROOT / "scripts" / "register_model.py"))  # what `make register` runs
+    assert f"registered cifar10-custom-resnet version 1 (run {run.info.run_id})" in registered.stdout
+    version = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").get_model_version("cifar10-custom-resnet", "1")
+    assert version.run_id == run.info.run_id
+    served = mlflow.pyfunc.load_model("models:/cifar10-custom-resnet/1")  # as `mlflow models serve` loads it
+    assert (served.predict(images[:8]).argmax(1) == predicted[:8]).all()
 
 
 def test_a_second_repro_does_nothing(repo):
@@ -151,6 +203,71 @@ def test_changing_epochs_reruns_training_and_reports_only(repo):
     assert len((repo / "reports/history.csv").read_text().splitlines()) == 4
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "three epochs")
+
+
+def stage_process(session: int, script: str) -> int | None:
+    """The pid of the python process running `script` in the process session `session` (DVC's child)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+            if entry.name.isdigit() and args[1:2] == [script.encode()] and os.getsid(int(entry.name)) == session:
+                return int(entry.name)
+        except (OSError, IndexError):
+            continue
+    return None
+
+
+def without(path: Path, key: str) -> dict:
+    return {k: v for k, v in json.loads(path.read_text()).items() if k != key}
+
+
+def history_rows(path: Path) -> list[list[str]]:
+    return [row.split(",")[:-1] for row in path.read_text().splitlines()]  # all but `seconds`
+
+
+def test_sigterm_mid_epoch_ends_the_run_killed_and_the_next_repro_resumes_to_the_same_bytes(repo):
+    """A batch scheduler or `kill` stops train_one_cycle with SIGTERM: the stage says so, its MLflow run ends KILLED,
+    the checkpoint stays, and `dvc repro` resumes it to the bytes of a run never interrupted."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["peak_epoch"] = 2  # 3 epochs, peaking at 2: params no run has used (no run-cache entry)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    checkpoint = repo / ".checkpoints/train_one_cycle.pt"
+    proc = subprocess.Popen(
+        ["dvc", "repro", "train_one_cycle"], cwd=repo, env=sh_env(), start_new_session=True, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    deadline = time.time() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    stage = stage_process(proc.pid, "stages/train_one_cycle.py")
+    assert stage and proc.poll() is None, "caught train_one_cycle after its first epoch"
+    os.kill(stage, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "interrupted: nothing half-written was kept; rerun the stage to continue" in output
+    assert "Traceback" not in output
+    done = len(torch.load(checkpoint, weights_only=True)["history"])
+    assert 1 <= done < 3, "stopped mid-run, the checkpoint kept"
+    client, runs = mlflow_runs(repo, "train_one_cycle")
+    killed = runs[-1]
+    assert killed.info.status == "KILLED" and killed.data.params["train.peak_epoch"] == "2"
+    assert killed.data.tags["mlflow.note.content"].startswith("**KILLED before the end**")
+
+    resumed = sh(repo, "dvc", "repro", "train_one_cycle")
+    assert f"resuming after epoch {done} of 3" in resumed.stdout
+    assert client.get_run(killed.info.run_id).info.status == "FINISHED", "the same run, finished"
+    after = {name: (repo / name).read_bytes() for name in ("models/model.pt",)}
+    history, metrics = (
+        history_rows(repo / "reports/history.csv"),
+        without(repo / "reports/metrics.json", "train_seconds"),
+    )
+
+    sh(repo, "dvc", "repro", "-f", "-s", "train_one_cycle")  # the same params, never interrupted
+    assert (repo / "models/model.pt").read_bytes() == after["models/model.pt"]
+    assert history_rows(repo / "reports/history.csv") == history
+    assert without(repo / "reports/metrics.json", "train_seconds") == metrics
+    sh(repo, "git", "checkout", "params.yaml", "dvc.lock")
+    sh(repo, "dvc", "checkout")
 
 
 def test_every_train_key_the_sweep_runs_with_reruns_the_range_test(repo):
@@ -189,6 +306,18 @@ def test_an_experiment_is_a_new_mlflow_run_tagged_with_its_name(repo):
     assert "DVC experiment: `four-epochs`" in tagged[0].data.tags["mlflow.note.content"]
     assert len({r.info.run_name for r in runs}) == len(runs), "every training run has a name of its own"
     assert "four-epochs" in sh(repo, "dvc", "exp", "list").stdout
+
+
+def test_a_failed_exp_run_says_how_to_restore_the_params_it_wrote(repo):
+    before = (repo / "params.yaml").read_text()  # the last experiment's, applied to the workspace
+    failed = subprocess.run(
+        ["dvc", "exp", "run", "-S", "train.peak_epoch=5"], cwd=repo, env=sh_env(), capture_output=True, text=True
+    )
+    assert failed.returncode != 0
+    assert "train.peak_epoch = 5 is not allowed" in failed.stderr
+    assert "`git checkout params.yaml` restores the file" in failed.stderr
+    assert "peak_epoch: 5" in (repo / "params.yaml").read_text(), "DVC left its value in the workspace"
+    (repo / "params.yaml").write_text(before)
 
 
 def test_reports_killed_midway_then_a_repro_ends_well(repo):
@@ -246,3 +375,28 @@ def test_queued_experiments_run_two_at_a_time_and_all_reach_mlflow(repo):
         assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")}, "plot_reports found the run"
         assert run.info.run_name.startswith(f"{name} · ") and f"{epochs} ep" in run.info.run_name
     assert len({r.info.run_name for r in runs}) == len(runs), "every training run has a name of its own"
+
+
+def test_dvc_queue_kill_ends_a_queued_experiment_s_run_killed(repo):
+    sh(repo, "dvc", "exp", "run", "--queue", "-S", "train.epochs=40", "-n", "queued-killed")
+    proc = subprocess.Popen(
+        ["dvc", "exp", "run", "--run-all"], cwd=repo, env=sh_env(), start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
+
+    def the_run():
+        found = client.search_runs([experiment], "tags.`dvc.exp_name` = 'queued-killed'")
+        return found[0] if found else None
+
+    deadline = time.time() + 300
+    while not ((run := the_run()) and "test_acc" in run.data.metrics) and time.time() < deadline:
+        time.sleep(0.5)
+    assert run and proc.poll() is None, "the experiment is training"
+    sh(repo, "dvc", "queue", "kill", "queued-killed")
+    proc.wait(timeout=120)
+    while the_run().info.status == "RUNNING" and time.time() < deadline:
+        time.sleep(0.5)
+    assert the_run().info.status == "KILLED"
+    assert "interrupted: nothing half-written was kept" in sh(repo, "dvc", "queue", "logs", "queued-killed").stdout

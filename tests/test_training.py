@@ -19,7 +19,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from onecycle import data, training
+from onecycle import data, estimate, training
 from onecycle.config import DataParams, Params, parse_params
 from onecycle.errors import UserError
 from onecycle.model import build_model
@@ -124,7 +124,7 @@ def test_a_checkpoint_of_other_params_is_not_resumed(workspace):
     assert first.returncode == 0
     params = Params()
     key = training.fingerprint(params, 0.02, 0.2)
-    stale = training.Checkpoint(key, [], {}, {}, torch.get_rng_state(), None)
+    stale = training.Checkpoint(key, [], {}, {}, torch.get_rng_state())
     stale.save(workspace / "out" / "ckpt" / "train.pt")
     again = run(workspace, "out")
     assert again.returncode == 0, again.stderr
@@ -318,3 +318,14 @@ def test_the_stage_under_torchrun_trains_like_one_process(workspace):
     client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("cifar10-one-cycle")
     assert len(client.search_runs([experiment.experiment_id])) == 2, "one MLflow run each: rank 1 logs nothing"
+
+
+def test_the_estimate_threshold_is_read_as_minutes_and_a_bad_one_is_refused(monkeypatch):
+    monkeypatch.delenv(estimate.WARN_ENV, raising=False)
+    assert estimate.warn_seconds() == 15 * 60
+    monkeypatch.setenv(estimate.WARN_ENV, "0.5")
+    assert estimate.warn_seconds() == 30
+    monkeypatch.setenv(estimate.WARN_ENV, "soon")
+    with pytest.raises(UserError, match="ONECYCLE_WARN_MINUTES='soon' is not a number of minutes"):
+        estimate.warn_seconds()
+    assert estimate.duration(10 * 3600 + 5 * 60) == "about 10 h 5 min" and estimate.duration(42) == "about 42 s"

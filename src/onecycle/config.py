@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -269,7 +270,23 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise UserError(f"no params file at {path}: run from the repository root, where params.yaml is") from None
     except yaml.YAMLError as exc:
         raise UserError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
-    return parse_params(raw)
+    try:
+        return parse_params(raw)
+    except UserError as exc:
+        raise UserError(f"{exc}{_exp_run_hint()}") from None
+
+
+def _exp_run_hint() -> str:
+    """How to get params.yaml back after `dvc exp run -S` in the workspace: DVC writes the -S values into the file
+    (and rewrites its layout: `null` becomes empty, lists are reflowed) and leaves it so when the run fails. A
+    queued or --temp experiment runs in a copy, whose working folder is not DVC_ROOT, and leaves the file alone."""
+    root = os.environ.get("DVC_ROOT")
+    if os.environ.get("DVC_EXP_NAME") and root and Path(root).resolve() == Path.cwd().resolve():
+        return (
+            ". `dvc exp run -S` wrote its values into params.yaml and left them there: `git diff params.yaml` shows "
+            "them, `git checkout params.yaml` restores the file"
+        )
+    return ""
 
 
 def flatten(params: Params) -> dict[str, Any]:

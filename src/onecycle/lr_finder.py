@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,9 +120,10 @@ def range_test(
     *,
     options: steps.StepOptions | None = None,
     progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
 ) -> Curve:
     """Run the sweep on `model`, each step's forward pass and loss as training runs them (`options`), then put
-    the model and optimizer back exactly as they were."""
+    the model and optimizer back exactly as they were. `on_step(i)` is called after the i-th step (0-based)."""
     options = options or steps.StepOptions()
     model_state = copy.deepcopy(model.state_dict())
     optimizer_state = copy.deepcopy(optimizer.state_dict())
@@ -164,6 +165,8 @@ def range_test(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if on_step:
+                on_step(i)
     finally:
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)
@@ -238,7 +241,12 @@ def training_range(found: dict, train: TrainParams) -> tuple[float, float]:
 
 
 def find_range(
-    params: Params, dataset: Dataset, device: torch.device, *, progress: bool = True
+    params: Params,
+    dataset: Dataset,
+    device: torch.device,
+    *,
+    progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
 ) -> tuple[Curve, LRRange]:
     """The lr_range_test stage's work: a fresh model (seeded by train.seed) swept on the training batches as
     training would see them, and LRMAX picked off the curve (UserError when it shows no range)."""
@@ -251,6 +259,8 @@ def find_range(
     optimizer = steps.make_optimizer(model, params.train, params.lr_finder.start_lr, params.train.momentum[1])
     loader = batches.TrainLoader(dataset, params.augment, params.train.batch_size, device)
     sweep_batches = loader.endless(seed=params.train.seed)
-    curve = range_test(model, optimizer, sweep_batches, params.lr_finder, options=options, progress=progress)
+    curve = range_test(
+        model, optimizer, sweep_batches, params.lr_finder, options=options, progress=progress, on_step=on_step
+    )
     steps_per_epoch = schedules.steps_per_epoch(len(dataset.train.labels), params.train.batch_size)
     return curve, pick_range(curve, params.lr_finder, params.train.epochs * steps_per_epoch)

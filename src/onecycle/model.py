@@ -102,6 +102,22 @@ class CustomResNet(nn.Module):
         return self.fc(x) * self.logit_scale  # (N, num_classes)
 
 
+class Classifier(nn.Module):
+    """The trained network as its MLflow model serves it: uint8 RGB images (N, 32, 32, 3), as data/cifar10 holds
+    them and as an image file decodes, in; the 10 classes' logits out (their argmax is the class, in
+    data/cifar10/meta.json's order). It normalises as the test transform does: (x - mean) * (1 / std), float32."""
+
+    def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))  # pixel units
+        self.register_buffer("inv_std", 1 / torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).float()  # (N, 3, 32, 32)
+        return self.net((x - self.mean) * self.inv_std)
+
+
 def training_flop(width: int) -> float:
     """FLOP to train on one 32x32 image (forward and backward): 2.28e9 at width 64, counted from the convolutions
     and the FC; every layer's cost scales with width squared."""

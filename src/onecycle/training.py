@@ -163,7 +163,7 @@ class Checkpoint:
     model: dict
     optimizer: dict
     torch_rng: torch.Tensor
-    run_id: str | None  # the MLflow run the epochs so far were logged to
+    extra: dict = dataclasses.field(default_factory=dict)  # the caller's, kept as given (fit's `extra`)
     ema: dict | None = None  # the weights' moving average (train.ema_decay > 0)
 
     def save(self, path: Path) -> None:
@@ -184,13 +184,16 @@ class Checkpoint:
         if state.get("fingerprint") != expected_fingerprint:
             say(f"params or LR range changed since the checkpoint {path}: starting afresh")
             return None
+        if set(state) != {f.name for f in dataclasses.fields(cls)}:
+            say(f"ignoring the checkpoint {path}, written by another version of this code; starting afresh")
+            return None
         state["history"] = [EpochRecord(**r) for r in state["history"]]
         return cls(**state)
 
 
 def check_fits(train: TrainParams, n_images: int, world: int = 1) -> None:
     """Stop a run that cannot train on `n_images` training images, naming the param to change. The stages
-    call it before any work (the range test before its sweep, training before it opens an MLflow run)."""
+    call it before any work (the range test before its sweep, the training stage before it starts tracking)."""
     if train.batch_size > n_images:
         raise UserError(
             f"train.batch_size = {train.batch_size} is more than the {n_images} training images, so every batch "
@@ -222,14 +225,15 @@ def fit(
     group: Group = SINGLE,
     checkpoint_path: Path | None = None,
     resume: Checkpoint | None = None,
-    run_id: str | None = None,
+    extra: dict | None = None,
     on_epoch: Callable[[EpochRecord], None] | None = None,
     progress: bool = True,
 ) -> list[EpochRecord]:
     """Train `model` for train.epochs with the One Cycle Policy between lr_min and lr_max.
 
-    With `checkpoint_path`, every finished epoch is saved there (with `run_id`, the MLflow run it is logged
-    to); `resume`, a checkpoint of this run (`Checkpoint.load`), continues after its last epoch.
+    With `checkpoint_path`, every finished epoch is saved there, with `extra` (what the caller needs to resume
+    its own part, e.g. the tracking run: plain values, as torch.load(weights_only=True) reads them back);
+    `resume`, a checkpoint of this run (`Checkpoint.load`), continues after its last epoch.
     `on_epoch(record)` is called after each epoch (tracking). Under torchrun (`group`), every process trains
     on its shard of each batch and rank 0 alone evaluates, prints, checkpoints and calls `on_epoch`; the
     history is returned on rank 0 (empty elsewhere).
@@ -297,7 +301,7 @@ def fit(
             if checkpoint_path:
                 rng = torch.get_rng_state()
                 averaged = ema.state_dict() if ema else None
-                state = Checkpoint(key, history, model.state_dict(), optimizer.state_dict(), rng, run_id, averaged)
+                state = Checkpoint(key, history, model.state_dict(), optimizer.state_dict(), rng, extra or {}, averaged)
                 state.save(checkpoint_path)
     distributed.barrier(group)
     if ema:  # the model that was evaluated is the one the caller saves and plots

@@ -1,0 +1,48 @@
+"""`make register`: register the trained model in MLflow's Model Registry, as a new version of one name.
+
+    python scripts/register_model.py [--name cifar10-custom-resnet] [--run RUN_ID]
+
+By default it registers the MLflow model of the run that trained the workspace's models/model.pt (found by the
+file's sha256, as plot_reports finds it); --run names another training run. Prints the version and its
+models:/ URI, which `mlflow.pytorch.load_model` and `mlflow models serve` take.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import mlflow
+
+from onecycle.errors import UserError, stage_main
+from onecycle.tracking import MODEL_NAME, Tracker, file_sha256
+
+REGISTERED_NAME = "cifar10-custom-resnet"
+
+
+@stage_main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--name", default=REGISTERED_NAME, help=f"registered model name (default {REGISTERED_NAME})")
+    parser.add_argument("--run", help="training run whose model to register (default: the run of --model)")
+    parser.add_argument("--model", type=Path, default=Path("models/model.pt"), help="the trained state_dict")
+    args = parser.parse_args()
+    tracker = Tracker()  # an unreachable tracking server stops here
+    run_id = args.run
+    if run_id is None:
+        if not args.model.exists():
+            raise UserError(f"no {args.model}: train first (`dvc repro`), or name a run with RUN=<run id>")
+        run = tracker.run_of_model(file_sha256(args.model))
+        if run is None:
+            raise UserError(f"no training run at {tracker.uri} produced {args.model}; name one with RUN=<run id>")
+        run_id = run.id
+    mlflow.set_tracking_uri(tracker.uri)
+    try:
+        version = mlflow.register_model(f"runs:/{run_id}/{MODEL_NAME}", args.name)
+    except Exception as exc:  # no such run, or a run without a logged model
+        raise UserError(f"cannot register the model of run {run_id}: {' '.join(str(exc).split())[:300]}") from None
+    print(f"registered {args.name} version {version.version} (run {run_id}): models:/{args.name}/{version.version}")
+
+
+if __name__ == "__main__":
+    main()
