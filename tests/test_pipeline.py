@@ -38,6 +38,8 @@ def sh_env() -> dict:
     env = os.environ.copy()
     env.pop("MLFLOW_TRACKING_URI", None)  # the default: mlflow.db at the repository root
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # `python` in dvc.yaml: this one
+    # a tiny training ends within MLflow's 10 s between system-metrics samples: sample every second here
+    env["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"
     return env
 
 
@@ -194,12 +196,13 @@ def test_a_misspelt_section_stops_repro_with_its_name_and_costs_no_result(repo):
     assert {name: (repo / name).read_bytes() for name in kept} == before
 
 
-def test_changing_epochs_reruns_training_and_reports_only(repo):
+def test_changing_epochs_reruns_the_range_test_training_and_reports(repo):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"]["epochs"] = 3
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     result = sh(repo, "dvc", "repro")
-    assert ran(result) == ["train_one_cycle", "plot_reports"]
+    # the pick (lr_finder.pick: budget) reads the training's length in steps, so the range test reruns too
+    assert ran(result) == ["lr_range_test", "train_one_cycle", "plot_reports"]
     assert len((repo / "reports/history.csv").read_text().splitlines()) == 4
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "three epochs")
@@ -298,7 +301,7 @@ def test_a_change_to_the_training_code_reruns_every_stage_that_runs_it(repo):
 def test_an_experiment_is_a_new_mlflow_run_tagged_with_its_name(repo):
     # 4 epochs: a param set not run before (DVC's run cache would restore a known one without running it)
     result = sh(repo, "dvc", "exp", "run", "-S", "train.epochs=4", "-n", "four-epochs")
-    assert ran(result) == ["train_one_cycle", "plot_reports"]
+    assert ran(result) == ["lr_range_test", "train_one_cycle", "plot_reports"]  # budget reads train.epochs
     _, runs = mlflow_runs(repo, "train_one_cycle")
     tagged = [r for r in runs if r.data.tags.get("dvc.exp_name") == "four-epochs"]
     assert len(tagged) == 1
