@@ -4,8 +4,10 @@
     python -m research.lr_bench report [--out docs/results/lr_bench] [--page docs/lr-finder.md]
 
 `run` works through the settings of research/lr_bench.yaml: per seed, a range test (the lr_range_test stage's
-own `lr_finder.find_range`, whose curve every rule reads later), and one `training.fit` per LRMAX of the grid
-(as train_one_cycle, LRMIN = LRMAX / lr_finder.min_div), then the test accuracy on every test image. Each job
+own `lr_finder.find_range`, whose curve every rule reads later), one `training.fit` per LRMAX of the grid (as
+train_one_cycle, LRMIN = LRMAX / lr_finder.min_div), then the test accuracy on every test image; and the found
+range trained: that seed's sweep read by the setting's `lr_finder.pick` (the default rule), as `dvc repro`
+would train it, so that the default is judged on what it trains to, not on the grid read between points. Each job
 runs in a process of its own with one thread (`--workers` at once: on a shared 2-core CPU two one-thread
 processes lose less to a busy core than one two-thread process), and writes one JSON under --out/<setting>/.
 A rerun skips what is there, so a killed benchmark keeps every finished job; what is planned next depends on
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from onecycle.config import Params, parse_params, read_yaml
+from onecycle.config import LRFinderParams, Params, parse_params, read_yaml
 from onecycle.errors import UserError
 from scripts.experiments import apply_overrides, git_commit, tool_main
 
@@ -62,15 +64,18 @@ class Variant:
 @dataclass(frozen=True)
 class Job:
     setting: str
-    kind: str  # "sweep" (a range test) or "train" (24-epoch-style fit from a given LRMAX)
+    kind: str  # "sweep" (a range test), "train" (a grid point's LRMAX) or "found" (the pick on that seed's sweep)
     seed: int
     lr_max: float | None = None
     variant: str = ""  # a sweep under other float kernels (Variant.name)
+    rule: str = ""  # "found": the rule that picked lr_max (the setting's lr_finder.pick)
 
     @property
     def name(self) -> str:
         if self.kind == "sweep":
             return f"sweep-s{self.seed}" + (f"-{self.variant}" if self.variant else "")
+        if self.kind == "found":
+            return f"found-{self.rule}-s{self.seed}"
         return f"train-{self.lr_max:.6g}-s{self.seed}"
 
 
@@ -117,6 +122,48 @@ def setting_params(
         raise UserError(f"setting {setting.name!r}: {exc}") from None
 
 
+def training_steps(params: Params) -> int:
+    """Optimizer steps of the training a setting's range serves: what `budget` reads."""
+    from onecycle import schedules
+
+    images = params.data.train_limit or 50_000  # CIFAR-10's training set when not limited
+    return params.train.epochs * schedules.steps_per_epoch(images, params.train.batch_size)
+
+
+def sweep_from(curve: dict, finder: LRFinderParams, train_steps: int):
+    """A saved sweep's curve (lr, loss, accuracy per step) as the rules read it (`picks.Sweep`, its moving averages
+    recomputed as the range test computes them), for a training of `train_steps` steps."""
+    import numpy as np
+
+    from onecycle import picks
+    from onecycle.lr_finder import smooth
+
+    loss, accuracy = curve["loss"], curve["accuracy"]
+    return picks.Sweep(
+        np.asarray(curve["lr"], float),
+        np.asarray(loss, float),
+        np.asarray(smooth(loss, finder.smooth_beta), float),
+        np.asarray(accuracy, float),
+        np.asarray(smooth(accuracy, finder.smooth_beta), float),
+        finder.num_iter,
+        train_steps,
+    )
+
+
+def found_jobs(bench: Bench, setting: Setting, done: dict[str, dict], seeds) -> list[Job]:
+    """Per seed whose sweep has finished: a training from the range its setting's pick rule finds on it."""
+    from onecycle import picks
+
+    params = setting_params(bench, setting, {}, 0)[1]
+    rule, steps = params.lr_finder.pick, training_steps(params)
+    jobs = []
+    for seed in seeds:
+        sweep = done.get(f"sweep-s{seed}")
+        if sweep and (lr := picks.RULES[rule].pick(sweep_from(sweep["curve"], params.lr_finder, steps))):
+            jobs.append(Job(setting.name, "found", seed, lr, rule=rule))
+    return jobs
+
+
 def load_results(out: Path) -> dict[str, dict[str, dict]]:
     """setting -> job name -> its result, of every finished job under `out`."""
     results: dict[str, dict[str, dict]] = {}
@@ -154,15 +201,18 @@ def grown_grid(setting: Setting, done: dict[str, dict]) -> list[float]:
 
 def plan(bench: Bench, results: dict[str, dict[str, dict]]) -> list[Job]:
     """Every job the results so far call for, most needed first, seed by seed: each setting's sweep and grid,
-    then the points its grid grew by, then the variants' sweeps; then third seeds of close leaders."""
+    then the points its grid grew by, then (first seed) the variants' sweeps, then the found ranges; then third
+    seeds of close leaders, then the later seeds' variant sweeps."""
     jobs = []
     grids = {s.name: grown_grid(s, results.get(s.name, {})) for s in bench.settings}
     for seed in bench.seeds:
         for s in bench.settings:
             jobs += [Job(s.name, "sweep", seed)] + [Job(s.name, "train", seed, lr) for lr in s.grid]
         jobs += [Job(s.name, "train", seed, lr) for s in bench.settings for lr in grids[s.name] if lr not in s.grid]
-        # the variants' sweeps are cheap, and the kernel check needs them: after each seed's grids
-        jobs += [Job(name, "sweep", seed, variant=v.name) for v in bench.variants for name in v.settings]
+        # the kernel check needs the first seed's variant sweeps (cheap) first; other seeds' come last
+        if seed == bench.seeds[0]:
+            jobs += [Job(name, "sweep", seed, variant=v.name) for v in bench.variants for name in v.settings]
+        jobs += [j for s in bench.settings for j in found_jobs(bench, s, results.get(s.name, {}), [seed])]
     for s in bench.settings:
         trained = grid_means(results.get(s.name, {}))
         if all(len(trained.get(lr, [])) >= len(bench.seeds) for lr in grids[s.name]):
@@ -171,6 +221,9 @@ def plan(bench: Bench, results: dict[str, dict[str, dict]]) -> list[Job]:
             if statistics.fmean(trained[first]) - statistics.fmean(trained[second]) < CLOSE:
                 extra = max(bench.seeds) + 1
                 jobs += [Job(s.name, "sweep", extra)] + [Job(s.name, "train", extra, lr) for lr in (first, second)]
+                jobs += found_jobs(bench, s, results.get(s.name, {}), [extra])
+    for seed in bench.seeds[1:]:
+        jobs += [Job(name, "sweep", seed, variant=v.name) for v in bench.variants for name in v.settings]
     return jobs
 
 

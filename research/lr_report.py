@@ -26,10 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from onecycle import outputs, picks, schedules
+from onecycle import outputs, picks
 from onecycle.config import LRFinderParams
-from onecycle.lr_finder import smooth
-from research.lr_bench import ROOT, grid_means, load_results, read_bench
+from research.lr_bench import ROOT, grid_means, load_results, read_bench, sweep_from, training_steps
 
 NOISE_FLOOR = 0.3  # points of test accuracy
 DEFAULT = LRFinderParams().pick
@@ -43,6 +42,8 @@ class Setting:
     sweeps: dict[str, picks.Sweep]  # "s0", "s1", "s0-isa_default", ...
     note: str = ""
     features: dict[str, float] = field(default_factory=dict)  # what a rule might scale with: steps, images, ...
+    # rule -> sweep ("s0", ...) -> (LRMAX, test accuracy) of the range that rule found on that sweep, trained
+    trained: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
 
     def means(self) -> dict[float, float]:
         return {lr: statistics.fmean(accs) for lr, accs in sorted(self.grid.items())}
@@ -66,19 +67,6 @@ class Setting:
         return edge, (mark if edge < best - noise else "?")
 
 
-def sweep_from(lr: list, loss: list, accuracy: list, params: LRFinderParams, train_steps: int) -> picks.Sweep:
-    """A saved curve as the rules read it (the moving averages recomputed as the range test computes them)."""
-    return picks.Sweep(
-        np.asarray(lr, float),
-        np.asarray(loss, float),
-        np.asarray(smooth(loss, params.smooth_beta), float),
-        np.asarray(accuracy, float),
-        np.asarray(smooth(accuracy, params.smooth_beta), float),
-        params.num_iter,
-        train_steps,
-    )
-
-
 def bench_settings(out: Path, config: Path) -> list[Setting]:
     from onecycle.config import parse_params, read_yaml
     from scripts.experiments import apply_overrides
@@ -91,11 +79,9 @@ def bench_settings(out: Path, config: Path) -> list[Setting]:
         done = results.get(s.name, {})
         params = parse_params(apply_overrides(base, bench.shared | s.overrides))
         images = params.data.train_limit or 50_000
-        steps = params.train.epochs * schedules.steps_per_epoch(images, params.train.batch_size)
+        steps = training_steps(params)
         sweeps = {
-            name.removeprefix("sweep-"): sweep_from(
-                r["curve"]["lr"], r["curve"]["loss"], r["curve"]["accuracy"], params.lr_finder, steps
-            )
+            name.removeprefix("sweep-"): sweep_from(r["curve"], params.lr_finder, steps)
             for name, r in done.items()
             if r["kind"] == "sweep"
         }
@@ -103,8 +89,12 @@ def bench_settings(out: Path, config: Path) -> list[Setting]:
         train = params.train
         features = {"training steps": steps, "warm-up steps": steps // train.epochs * train.peak_epoch}
         features |= {"training images": images, "epochs": train.epochs}
+        trained: dict[str, dict[str, tuple[float, float]]] = {}
+        for r in done.values():
+            if r["kind"] == "found":
+                trained.setdefault(r["rule"], {})[f"s{r['seed']}"] = (r["lr_max"], r["test_acc"])
         if grid and sweeps:
-            found.append(Setting(s.name, grid, sweeps, features=features))
+            found.append(Setting(s.name, grid, sweeps, features=features, trained=trained))
     return found
 
 
@@ -118,7 +108,8 @@ def h200_setting() -> Setting:
     for name in ("default", "max_acc"):  # the same sweep design and seed twice (GPU kernels are not bit-exact)
         rows = run["range_test"][name]["curve"]
         _, lr, loss, _, acc, _ = (list(c) for c in zip(*rows, strict=True))
-        sweeps[name] = sweep_from(lr, loss, acc, LRFinderParams(), 24 * 98)  # 24 epochs of 98 steps
+        curve = {"lr": lr, "loss": loss, "accuracy": acc}
+        sweeps[name] = sweep_from(curve, LRFinderParams(), 24 * 98)  # 24 epochs of 98 steps
     features = {"training steps": 24 * 98, "warm-up steps": 5 * 98, "training images": 50_000, "epochs": 24}
     return Setting("w64_full", grid, sweeps, "H200, bf16, seed 0: one run per LRMAX", features)
 
@@ -135,6 +126,9 @@ def evaluate(setting: Setting, rules: dict[str, picks.Rule], compare: dict[str, 
         read = {k: setting.accuracy_at(lr) for k, lr in chosen.items() if lr is not None}
         marks = {mark for _, mark in read.values()}
         mean = statistics.fmean(acc for acc, _ in read.values()) if read else None
+        trained = setting.trained.get(name, {})
+        if read and set(read) <= set(trained):  # the found range trained from every sweep: judged on that
+            mean, marks = statistics.fmean(trained[k][1] for k in read), {"trained"}
         verdict = "?" if mean is None or "?" in marks else ("within" if mean >= best - noise else "miss")
         factors = {}
         for key, sweep in setting.sweeps.items():
@@ -146,7 +140,9 @@ def evaluate(setting: Setting, rules: dict[str, picks.Rule], compare: dict[str, 
         table[name] = {
             "picks": chosen,
             "accuracy": {k: acc for k, (acc, _) in read.items()},
-            "marks": sorted(marks - {""}),
+            "marks": sorted(marks - {"", "trained"}),
+            "trained": {k: {"lr_max": lr, "test_acc": acc} for k, (lr, acc) in trained.items()},
+            "judged_on": "trained" if "trained" in marks else "grid",
             "mean_accuracy": mean,
             "verdict": verdict,
             "variant_factors": factors,
@@ -222,6 +218,7 @@ def markdown(summaries: dict[str, dict], rules: tuple[str, ...]) -> str:
             pick = statistics.geometric_mean(lrs) if lrs else float("nan")
             mark = "".join(r["marks"])
             acc = "-" if r["mean_accuracy"] is None else f"{mark}{r['mean_accuracy']:.2f}"
+            acc += " trained" if r["judged_on"] == "trained" else ""
             sign = {"within": "**ok**", "miss": "miss", "?": "?"}[r["verdict"]]
             wins += r["verdict"] == "within"
             if r["verdict"] != "?":
@@ -235,6 +232,24 @@ def markdown(summaries: dict[str, dict], rules: tuple[str, ...]) -> str:
         b = s["best"]
         head.append(f"| {setting} | {b['lr_max']:.3g} | {b['mean']:.2f} | {b['noise']:.2f} | {grid} |")
     return "\n".join(head) + "\n\n" + "\n".join(lines)
+
+
+def found_table(summaries: dict[str, dict], rule: str) -> str:
+    """Per setting and sweep: the range `rule` found on it, what it trained to, and what the grid reads there."""
+    lines = [
+        f"| setting | sweep | {rule}'s LRMAX | trained to | the grid read there | best less noise |",
+        "|---|---|---|---|---|---|",
+    ]
+    for setting, summary in summaries.items():
+        r, b = summary["rules"][rule], summary["best"]
+        for key, lr in r["picks"].items():
+            trained = r["trained"].get(key)
+            acc = f"{trained['test_acc']:.2f}" if trained else "not yet"
+            grid = r["accuracy"].get(key)
+            grid_read = "-" if grid is None else f"{grid:.2f}"
+            lr_text = "-" if lr is None else f"{lr:.3g}"
+            lines.append(f"| {setting} | {key} | {lr_text} | {acc} | {grid_read} | {b['mean'] - b['noise']:.2f} |")
+    return "\n".join(lines)
 
 
 def calibration(settings: list[Setting]) -> str:
@@ -328,6 +343,7 @@ def report(args) -> dict:
     outputs.write_json(args.out / "summary.json", summaries)
     sections = {
         "results": markdown(summaries, tuple(rules)),
+        "found": found_table(summaries, DEFAULT),
         "calibration": calibration(settings),
         "rounding": rounding(summaries, compare, (DEFAULT, "min_loss", "acc_drop")),
     }
