@@ -222,6 +222,10 @@ def plan(bench: Bench, results: dict[str, dict[str, dict]]) -> list[Job]:
                 extra = max(bench.seeds) + 1
                 jobs += [Job(s.name, "sweep", extra)] + [Job(s.name, "train", extra, lr) for lr in (first, second)]
                 jobs += found_jobs(bench, s, results.get(s.name, {}), [extra])
+    for s in bench.settings:  # a third seed's sweep stays even when its grid points are no longer needed
+        done = results.get(s.name, {})
+        swept = sorted(r["seed"] for r in done.values() if r["kind"] == "sweep" and not r.get("variant"))
+        jobs += found_jobs(bench, s, done, swept)
     for seed in bench.seeds[1:]:
         jobs += [Job(name, "sweep", seed, variant=v.name) for v in bench.variants for name in v.settings]
     return jobs
