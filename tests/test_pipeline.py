@@ -196,18 +196,6 @@ def test_a_misspelt_section_stops_repro_with_its_name_and_costs_no_result(repo):
     assert {name: (repo / name).read_bytes() for name in kept} == before
 
 
-def test_changing_epochs_reruns_the_range_test_training_and_reports(repo):
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["train"]["epochs"] = 3
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    result = sh(repo, "dvc", "repro")
-    # the pick (lr_finder.pick: budget) reads the training's length in steps, so the range test reruns too
-    assert ran(result) == ["lr_range_test", "train_one_cycle", "plot_reports"]
-    assert len((repo / "reports/history.csv").read_text().splitlines()) == 4
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "three epochs")
-
-
 def stage_process(session: int, script: str) -> int | None:
     """The pid of the python process running `script` in the process session `session` (DVC's child)."""
     for entry in Path("/proc").iterdir():
@@ -231,8 +219,10 @@ def history_rows(path: Path) -> list[list[str]]:
 def test_sigterm_mid_epoch_ends_the_run_killed_and_the_next_repro_resumes_to_the_same_bytes(repo):
     """A batch scheduler or `kill` stops train_one_cycle with SIGTERM: the stage says so, its MLflow run ends KILLED,
     the checkpoint stays, and `dvc repro` resumes it to the bytes of a run never interrupted."""
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "two epochs")  # the state this test comes back to
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["train"]["peak_epoch"] = 2  # 3 epochs, peaking at 2: params no run has used (no run-cache entry)
+    params["train"] |= {"epochs": 3, "peak_epoch": 2}  # params no run has used (no run-cache entry)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     checkpoint = repo / ".checkpoints/train_one_cycle.pt"
     proc = subprocess.Popen(
@@ -298,19 +288,6 @@ def test_a_change_to_the_training_code_reruns_every_stage_that_runs_it(repo):
     assert "Data and pipelines are up to date" in sh(repo, "dvc", "status").stdout
 
 
-def test_an_experiment_is_a_new_mlflow_run_tagged_with_its_name(repo):
-    # 4 epochs: a param set not run before (DVC's run cache would restore a known one without running it)
-    result = sh(repo, "dvc", "exp", "run", "-S", "train.epochs=4", "-n", "four-epochs")
-    assert ran(result) == ["lr_range_test", "train_one_cycle", "plot_reports"]  # budget reads train.epochs
-    _, runs = mlflow_runs(repo, "train_one_cycle")
-    tagged = [r for r in runs if r.data.tags.get("dvc.exp_name") == "four-epochs"]
-    assert len(tagged) == 1
-    assert tagged[0].data.params["train.epochs"] == "4" and tagged[0].info.run_name.startswith("four-epochs · w4 ")
-    assert "DVC experiment: `four-epochs`" in tagged[0].data.tags["mlflow.note.content"]
-    assert len({r.info.run_name for r in runs}) == len(runs), "every training run has a name of its own"
-    assert "four-epochs" in sh(repo, "dvc", "exp", "list").stdout
-
-
 def test_a_failed_exp_run_says_how_to_restore_the_params_it_wrote(repo):
     before = (repo / "params.yaml").read_text()  # the last experiment's, applied to the workspace
     failed = subprocess.run(
@@ -323,18 +300,17 @@ def test_a_failed_exp_run_says_how_to_restore_the_params_it_wrote(repo):
     (repo / "params.yaml").write_text(before)
 
 
-def test_reports_killed_midway_then_a_repro_ends_well(repo):
-    env = os.environ.copy()
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    proc = subprocess.Popen(
-        ["dvc", "repro", "-f", "plot_reports"], cwd=repo, env=env, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+def test_reports_killed_midway_then_a_repro_ends_well(repo, tmp_path):
+    log = tmp_path / "repro.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            ["dvc", "repro", "-f", "plot_reports"], cwd=repo, env=sh_env(), start_new_session=True,
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     deadline = time.time() + 120
     while not list((repo / "reports").glob(".plots.tmp-*/*.png")) and time.time() < deadline:
         time.sleep(0.02)
-    assert proc.poll() is None, "caught plot_reports while it draws"
+    assert proc.poll() is None, f"caught plot_reports while it draws:\n{log.read_text()}"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
 
@@ -346,7 +322,7 @@ def test_reports_killed_midway_then_a_repro_ends_well(repo):
 
 def test_push_then_a_fresh_clone_pulls_the_results_without_training(repo, tmp_path):
     sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "results")
+    sh(repo, "git", "commit", "-qm", "results", "--allow-empty")
     sh(repo, "dvc", "remote", "add", "-d", "shared", str(tmp_path / "remote"))
     sh(repo, "dvc", "push")
     sh(repo, "git", "commit", "-qam", "remote")
@@ -359,11 +335,12 @@ def test_push_then_a_fresh_clone_pulls_the_results_without_training(repo, tmp_pa
     assert ran(sh(clone, "dvc", "repro")) == []
 
 
-def test_queued_experiments_run_two_at_a_time_and_all_reach_mlflow(repo):
+def test_experiments_are_new_mlflow_runs_tagged_with_their_names_also_two_at_a_time(repo):
     """`dvc exp run --queue` then `--run-all -j 2`: both run at once in DVC's temporary workspaces, and both
-    log to the one mlflow.db at the repository root without a 'database is locked' loss."""
+    log to the one mlflow.db at the repository root without a 'database is locked' loss, each a new MLflow run
+    named and tagged after its experiment."""
     names = ("queued-five", "queued-six")
-    for name, epochs in zip(names, (5, 6), strict=True):
+    for name, epochs in zip(names, (5, 6), strict=True):  # param sets not run before (no run-cache entry)
         sh(repo, "dvc", "exp", "run", "--queue", "-S", f"train.epochs={epochs}", "-n", name)
     result = sh(repo, "dvc", "exp", "run", "--run-all", "-j", "2")
     assert "database is locked" not in result.stdout + result.stderr
@@ -372,11 +349,15 @@ def test_queued_experiments_run_two_at_a_time_and_all_reach_mlflow(repo):
     client, runs = mlflow_runs(repo, "train_one_cycle")
     for name, epochs in zip(names, (5, 6), strict=True):
         [run] = [r for r in runs if r.data.tags.get("dvc.exp_name") == name]
-        assert run.info.status == "FINISHED"
+        assert run.info.status == "FINISHED" and run.data.params["train.epochs"] == str(epochs)
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "test_acc")]
         assert steps == list(range(1, epochs + 1)), name
         assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")}, "plot_reports found the run"
-        assert run.info.run_name.startswith(f"{name} · ") and f"{epochs} ep" in run.info.run_name
+        assert run.info.run_name.startswith(f"{name} · w4 ") and f"{epochs} ep" in run.info.run_name
+        assert f"DVC experiment: `{name}`" in run.data.tags["mlflow.note.content"]
+    # the pick (budget) reads train.epochs: each experiment ran its own range test
+    _, range_runs = mlflow_runs(repo, "lr_range_test")
+    assert {r.data.tags.get("dvc.exp_name") for r in range_runs} >= set(names)
     assert len({r.info.run_name for r in runs}) == len(runs), "every training run has a name of its own"
 
 

@@ -120,8 +120,6 @@ def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(workspace):
 
 
 def test_a_checkpoint_of_other_params_is_not_resumed(workspace):
-    first = run(workspace, "out")
-    assert first.returncode == 0
     params = Params()
     key = training.fingerprint(params, 0.02, 0.2)
     stale = training.Checkpoint(key, [], {}, {}, torch.get_rng_state())
@@ -201,19 +199,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture()
-def mlflow_server(tmp_path):
-    """`mlflow server` with a SQLite backend on a free port; yields (uri, process)."""
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` with a SQLite backend on a free port, one worker, shared by this module's tests (the last
+    one stops it); yields (uri, process)."""
     port = free_port()
-    folder = tmp_path / "server"
-    folder.mkdir()
+    folder = tmp_path_factory.mktemp("server")
     log = (folder / "server.log").open("w")
     proc = subprocess.Popen(
         [
             str(Path(sys.executable).parent / "mlflow"), "server",
             "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
             "--artifacts-destination", str(folder / "artifacts"),
-            "--host", "127.0.0.1", "--port", str(port),
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
         ],
         cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
@@ -230,7 +228,7 @@ def mlflow_server(tmp_path):
         pytest.fail("mlflow server did not start")
     yield uri, proc
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGKILL)  # a test server: nothing of it is kept
         proc.wait(timeout=30)
 
 
