@@ -44,6 +44,7 @@ class Setting:
     features: dict[str, float] = field(default_factory=dict)  # what a rule might scale with: steps, images, ...
     # rule -> sweep ("s0", ...) -> (LRMAX, test accuracy) of the range that rule found on that sweep, trained
     trained: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
+    by_seed: dict[str, dict[float, float]] = field(default_factory=dict)  # "s0" -> LRMAX -> that seed's accuracy
 
     def means(self) -> dict[float, float]:
         return {lr: statistics.fmean(accs) for lr, accs in sorted(self.grid.items())}
@@ -90,11 +91,14 @@ def bench_settings(out: Path, config: Path) -> list[Setting]:
         features = {"training steps": steps, "warm-up steps": steps // train.epochs * train.peak_epoch}
         features |= {"training images": images, "epochs": train.epochs}
         trained: dict[str, dict[str, tuple[float, float]]] = {}
+        by_seed: dict[str, dict[float, float]] = {}
         for r in done.values():
             if r["kind"] == "found":
                 trained.setdefault(r["rule"], {})[f"s{r['seed']}"] = (r["lr_max"], r["test_acc"])
+            elif r["kind"] == "train":
+                by_seed.setdefault(f"s{r['seed']}", {})[r["lr_max"]] = r["test_acc"]
         if grid and sweeps:
-            found.append(Setting(s.name, grid, sweeps, features=features, trained=trained))
+            found.append(Setting(s.name, grid, sweeps, features=features, trained=trained, by_seed=by_seed))
     return found
 
 
@@ -139,6 +143,8 @@ def evaluate(setting: Setting, rules: dict[str, picks.Rule], compare: dict[str, 
                 factors[key] = {"factor": lr / other, "same_verdict": same}
         table[name] = {
             "picks": chosen,
+            # the same seed's best grid point: a paired look, free of the seeds' offsets from one another
+            "seed_best": {k: max(setting.by_seed[k].values()) for k in trained if setting.by_seed.get(k)},
             "accuracy": {k: acc for k, (acc, _) in read.items()},
             "marks": sorted(marks - {"", "trained"}),
             "trained": {k: {"lr_max": lr, "test_acc": acc} for k, (lr, acc) in trained.items()},
@@ -237,8 +243,9 @@ def markdown(summaries: dict[str, dict], rules: tuple[str, ...]) -> str:
 def found_table(summaries: dict[str, dict], rule: str) -> str:
     """Per setting and sweep: the range `rule` found on it, what it trained to, and what the grid reads there."""
     lines = [
-        f"| setting | sweep | {rule}'s LRMAX | trained to | the grid read there | best less noise |",
-        "|---|---|---|---|---|---|",
+        f"| setting | sweep | {rule}'s LRMAX | trained to | the grid read there | best less noise "
+        "| that seed's best grid point |",
+        "|---|---|---|---|---|---|---|",
     ]
     for setting, summary in summaries.items():
         r, b = summary["rules"][rule], summary["best"]
@@ -248,7 +255,11 @@ def found_table(summaries: dict[str, dict], rule: str) -> str:
             grid = r["accuracy"].get(key)
             grid_read = "-" if grid is None else f"{grid:.2f}"
             lr_text = "-" if lr is None else f"{lr:.3g}"
-            lines.append(f"| {setting} | {key} | {lr_text} | {acc} | {grid_read} | {b['mean'] - b['noise']:.2f} |")
+            own = r["seed_best"].get(key)
+            own_text = "-" if own is None else f"{own:.2f}"
+            lines.append(
+                f"| {setting} | {key} | {lr_text} | {acc} | {grid_read} | {b['mean'] - b['noise']:.2f} | {own_text} |"
+            )
     return "\n".join(lines)
 
 
