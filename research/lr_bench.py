@@ -46,6 +46,7 @@ class Setting:
     name: str
     overrides: dict[str, Any]
     grid: tuple[float, ...]
+    more_seeds: tuple[int, ...] = ()  # seeds of this setting only, after every setting's seeds
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,8 @@ class Bench:
 def read_bench(path: Path = CONFIG) -> Bench:
     raw = read_yaml(path.read_text())
     settings = tuple(
-        Setting(s["name"], s.get("set") or {}, tuple(float(x) for x in s["grid"])) for s in raw["settings"]
+        Setting(s["name"], s.get("set") or {}, tuple(float(x) for x in s["grid"]), tuple(s.get("more_seeds", ())))
+        for s in raw["settings"]
     )
     variants = tuple(
         Variant(
@@ -222,6 +224,9 @@ def plan(bench: Bench, results: dict[str, dict[str, dict]]) -> list[Job]:
                 extra = max(bench.seeds) + 1
                 jobs += [Job(s.name, "sweep", extra)] + [Job(s.name, "train", extra, lr) for lr in (first, second)]
                 jobs += found_jobs(bench, s, results.get(s.name, {}), [extra])
+    for s in bench.settings:
+        for seed in s.more_seeds:
+            jobs += [Job(s.name, "sweep", seed)] + [Job(s.name, "train", seed, lr) for lr in grids[s.name]]
     for s in bench.settings:  # a third seed's sweep stays even when its grid points are no longer needed
         done = results.get(s.name, {})
         swept = sorted(r["seed"] for r in done.values() if r["kind"] == "sweep" and not r.get("variant"))
