@@ -223,11 +223,10 @@ def plan(bench: Bench, results: dict[str, dict[str, dict]]) -> list[Job]:
             if statistics.fmean(trained[first]) - statistics.fmean(trained[second]) < CLOSE:
                 extra = max(bench.seeds) + 1
                 jobs += [Job(s.name, "sweep", extra)] + [Job(s.name, "train", extra, lr) for lr in (first, second)]
-                jobs += found_jobs(bench, s, results.get(s.name, {}), [extra])
     for s in bench.settings:
         for seed in s.more_seeds:
             jobs += [Job(s.name, "sweep", seed)] + [Job(s.name, "train", seed, lr) for lr in grids[s.name]]
-    for s in bench.settings:  # a third seed's sweep stays even when its grid points are no longer needed
+    for s in bench.settings:  # every seed swept so far (third seeds too, even once their grid is not needed)
         done = results.get(s.name, {})
         swept = sorted(r["seed"] for r in done.values() if r["kind"] == "sweep" and not r.get("variant"))
         jobs += found_jobs(bench, s, done, swept)

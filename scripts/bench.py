@@ -81,18 +81,24 @@ def baseline_epoch(model, optimizer, loader, device) -> None:
     sync(device)
 
 
-def train_step_throughput(width: int, batch_size: int, steps: int, repeat: int, device: torch.device) -> dict:
+def random_dataset(batch_size: int, steps: int) -> Dataset:
+    """`steps` batches of random images and labels (seeded), and one batch of them as the test split."""
     n = batch_size * steps
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, n).astype(np.int64)
     mean, std = data.channel_stats(images)
-    dataset = Dataset(Split(images, labels), Split(images[:batch_size], labels[:batch_size]), (), mean, std)
+    return Dataset(Split(images, labels), Split(images[:batch_size], labels[:batch_size]), (), mean, std)
+
+
+def train_step_throughput(width: int, batch_size: int, steps: int, repeat: int, device: torch.device) -> dict:
+    dataset = random_dataset(batch_size, steps)
+    images, labels, n = dataset.train.images, dataset.train.labels, batch_size * steps
 
     torch.manual_seed(0)
     plain = CustomResNet(width).to(device)
     plain_opt = torch.optim.SGD(plain.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    per_image = PerImage(images, labels, augment.train_transform(AugmentParams(), mean, std, seed=0))
+    per_image = PerImage(images, labels, augment.train_transform(AugmentParams(), dataset.mean, dataset.std, seed=0))
     plain_loader = torch.utils.data.DataLoader(per_image, batch_size=batch_size, shuffle=True)
 
     loader = batches.TrainLoader(dataset, AugmentParams(backend="tensor"), batch_size, device)
@@ -261,12 +267,7 @@ def system_metrics_cost(width: int, batch_size: int, steps: int, repeat: int, de
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # no line per monitor start and stop
 
-    n = batch_size * steps
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-    labels = rng.integers(0, 10, n).astype(np.int64)
-    mean, std = data.channel_stats(images)
-    dataset = Dataset(Split(images, labels), Split(images[:batch_size], labels[:batch_size]), (), mean, std)
+    dataset, n = random_dataset(batch_size, steps), batch_size * steps
     train = TrainParams(batch_size=batch_size, channels_last=True)
     loader = batches.TrainLoader(dataset, AugmentParams(backend="tensor"), batch_size, device)
     options = training.StepOptions.of(train, device)
