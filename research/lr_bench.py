@@ -37,7 +37,8 @@ from scripts.experiments import apply_overrides, git_commit, tool_main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = Path(__file__).with_name("lr_bench.yaml")
-CLOSE = 0.3  # points of test accuracy: two grid points this close get a third seed
+NOISY = 0.5  # points of test accuracy: a best grid point whose seeds' standard error is this or more gets seeds
+MAX_SEEDS = 4  # seeds of a setting, at most (then the page says how noisy it stayed)
 MAX_GROWTH = 3  # grid points added past each edge, at most
 
 
@@ -60,6 +61,17 @@ class Variant:
     threads: int = 1
     overrides: dict[str, Any] = field(default_factory=dict)
     compare: str = ""
+    times: dict[str, float] = field(default_factory=dict)  # key -> factor on the setting's own value
+
+    def applied(self, raw: dict) -> dict:
+        """The overrides of this variant for a setting whose params mapping is `raw`: `set` as it is, and each key
+        of `times` as the setting's value times its factor (an integer key stays an integer)."""
+        scaled = {}
+        for key, factor in self.times.items():
+            section, name = key.split(".")
+            value = raw[section][name] * factor
+            scaled[key] = round(value) if isinstance(raw[section][name], int) else value
+        return self.overrides | scaled
 
 
 @dataclass(frozen=True)
@@ -105,6 +117,7 @@ def read_bench(path: Path = CONFIG) -> Bench:
             v.get("threads", 1),
             v.get("set") or {},
             v.get("compare", ""),
+            {k: float(x) for k, x in (v.get("times") or {}).items()},
         )
         for v in raw.get("variants") or ()
     )
@@ -201,32 +214,39 @@ def grown_grid(setting: Setting, done: dict[str, dict]) -> list[float]:
     return grid
 
 
+def noise_seeds(bench: Bench, setting: Setting, done: dict[str, dict], grid: list[float]) -> list[Job]:
+    """More seeds while the best grid point's mean is noisy (standard error NOISY or more), up to MAX_SEEDS: each a
+    sweep and the best point with its two neighbours, once every point of the grid has the first seeds."""
+    trained = grid_means(done)
+    if not all(len(trained.get(lr, [])) >= len(bench.seeds) for lr in grid):
+        return []
+    best = max(grid, key=lambda lr: statistics.fmean(trained[lr]))
+    accs = trained[best]
+    if len(accs) >= MAX_SEEDS or statistics.stdev(accs) / len(accs) ** 0.5 < NOISY:
+        return []
+    seed = max(bench.seeds) + 1 + len(accs) - len(bench.seeds)  # the next seed this setting has not used
+    i = grid.index(best)
+    around = grid[max(0, i - 1) : i + 2]
+    return [Job(setting.name, "sweep", seed)] + [Job(setting.name, "train", seed, lr) for lr in around]
+
+
 def plan(bench: Bench, results: dict[str, dict[str, dict]]) -> list[Job]:
-    """Every job the results so far call for, most needed first, seed by seed: each setting's sweep and grid,
-    then the points its grid grew by, then (first seed) the variants' sweeps, then the found ranges; then third
-    seeds of close leaders, then the later seeds' variant sweeps."""
+    """Every job the results so far call for, most needed first: setting by setting, its seeds' sweeps and grid,
+    the points its grid grew by and its first seed's variant sweeps; then the noisy settings' further seeds;
+    then the found ranges of every swept seed; then the later seeds' variant sweeps."""
     jobs = []
     grids = {s.name: grown_grid(s, results.get(s.name, {})) for s in bench.settings}
-    for seed in bench.seeds:
-        for s in bench.settings:
-            jobs += [Job(s.name, "sweep", seed)] + [Job(s.name, "train", seed, lr) for lr in s.grid]
-        jobs += [Job(s.name, "train", seed, lr) for s in bench.settings for lr in grids[s.name] if lr not in s.grid]
-        # the kernel check needs the first seed's variant sweeps (cheap) first; other seeds' come last
-        if seed == bench.seeds[0]:
-            jobs += [Job(name, "sweep", seed, variant=v.name) for v in bench.variants for name in v.settings]
-        jobs += [j for s in bench.settings for j in found_jobs(bench, s, results.get(s.name, {}), [seed])]
+    first = bench.seeds[0]
     for s in bench.settings:
-        trained = grid_means(results.get(s.name, {}))
-        if all(len(trained.get(lr, [])) >= len(bench.seeds) for lr in grids[s.name]):
-            ranked = sorted(grids[s.name], key=lambda lr: statistics.fmean(trained[lr]), reverse=True)
-            first, second = ranked[:2]
-            if statistics.fmean(trained[first]) - statistics.fmean(trained[second]) < CLOSE:
-                extra = max(bench.seeds) + 1
-                jobs += [Job(s.name, "sweep", extra)] + [Job(s.name, "train", extra, lr) for lr in (first, second)]
+        for seed in bench.seeds:
+            jobs += [Job(s.name, "sweep", seed)] + [Job(s.name, "train", seed, lr) for lr in s.grid]
+        jobs += [Job(s.name, "train", seed, lr) for seed in bench.seeds for lr in grids[s.name] if lr not in s.grid]
+        jobs += [Job(s.name, "sweep", first, variant=v.name) for v in bench.variants if s.name in v.settings]
     for s in bench.settings:
         for seed in s.more_seeds:
             jobs += [Job(s.name, "sweep", seed)] + [Job(s.name, "train", seed, lr) for lr in grids[s.name]]
-    for s in bench.settings:  # every seed swept so far (third seeds too, even once their grid is not needed)
+        jobs += noise_seeds(bench, s, results.get(s.name, {}), grids[s.name])
+    for s in bench.settings:  # every seed swept so far (later seeds too, even once their grid is not needed)
         done = results.get(s.name, {})
         swept = sorted(r["seed"] for r in done.values() if r["kind"] == "sweep" and not r.get("variant"))
         jobs += found_jobs(bench, s, done, swept)
@@ -332,12 +352,13 @@ def run(args: argparse.Namespace) -> None:
             job = waiting.pop(0)
             setting = bench.setting(job.setting)
             variant = next((v for v in bench.variants if v.name == job.variant), Variant("", ()))
-            raw, params = setting_params(bench, setting, data_set, job.seed, variant.overrides)
+            plain = setting_params(bench, setting, data_set, job.seed)[0]
+            raw, params = setting_params(bench, setting, data_set, job.seed, variant.applied(plain))
             folder = out / job.setting
             folder.mkdir(parents=True, exist_ok=True)
             payload_path = cache / f"{job.setting}-{job.name}.payload.json"
             record = dataclasses.asdict(job) | {"overrides": setting.overrides, "commit": commit, "env": variant.env}
-            record |= {"variant_overrides": variant.overrides, "compare": variant.compare}
+            record |= {"variant_overrides": variant.applied(plain), "compare": variant.compare}
             payload = {
                 "params": raw,
                 "data": str(data_folder(params, cache)),
