@@ -264,3 +264,43 @@ def test_the_range_test_stops_before_its_sweep_when_training_could_not_use_the_b
     dataset = data.decode_archive(path, params.data)  # 600 training images
     with pytest.raises(UserError, match="train.batch_size = 700 is more than the 600 training images"):
         lr_finder.find_range(params, dataset, torch.device("cpu"), progress=False)
+
+
+def test_a_saved_sweep_comes_back_for_the_same_inputs_and_for_pick_keys_only_changes(tmp_path):
+    """The stage re-picks from a saved sweep when only keys the pick reads changed; any key the sweep reads, the
+    data or the code makes it sweep again."""
+    meta = {"source_url": "/a/cifar.tar.gz", "md5": "abc", "train_images": 600, "test_images": 200}
+    params = parse_params({"model": {"width": 4}})
+    inputs = lr_finder.sweep_inputs(params, meta, torch.device("cpu"))
+    curve = synthetic(LRS, bowl(LRS, 0.1))
+    assert lr_finder.saved_sweep(tmp_path, inputs) is None
+    lr_finder.save_sweep(tmp_path, inputs, curve)
+    assert lr_finder.saved_sweep(tmp_path, inputs) == curve, "the same floats, bit for bit (JSON keeps repr)"
+
+    for only_the_pick in ({"train": {"epochs": 30}}, {"lr_finder": {"pick": "min_loss", "min_div": 4}}):
+        other = parse_params({"model": {"width": 4}} | only_the_pick)
+        assert lr_finder.sweep_inputs(other, meta, torch.device("cpu")) == inputs, only_the_pick
+    moved = dict(meta, source_url="/b/cifar.tar.gz")  # the same archive, read from elsewhere
+    assert lr_finder.sweep_inputs(params, moved, torch.device("cpu")) == inputs
+    for sweep_key in ({"train": {"batch_size": 64}}, {"lr_finder": {"num_iter": 50}}, {"augment": {"cutout": 4}}):
+        other = parse_params({"model": {"width": 4}} | sweep_key)
+        assert lr_finder.saved_sweep(tmp_path, lr_finder.sweep_inputs(other, meta, torch.device("cpu"))) is None
+    assert lr_finder.saved_sweep(tmp_path, lr_finder.sweep_inputs(params, meta | {"md5": "def"}, "cpu")) is None
+    assert lr_finder.saved_sweep(tmp_path, inputs | {"code": "another"}) is None
+
+    lr_finder.saved_path(tmp_path, inputs).write_text("{damaged")  # a half-written file: sweep again
+    assert lr_finder.saved_sweep(tmp_path, inputs) is None
+
+
+def test_the_saved_sweep_s_code_digest_follows_the_library_but_not_the_pick_rules(tmp_path):
+    library = Path(lr_finder.__file__).parent
+    copy = tmp_path / "onecycle"
+    copy.mkdir()
+    for module in library.glob("*.py"):
+        (copy / module.name).write_bytes(module.read_bytes())
+    digest = lr_finder.code_digest(copy)
+    assert digest == lr_finder.sweep_inputs(parse_params({}), {}, torch.device("cpu"))["code"]
+    (copy / "picks.py").write_text((copy / "picks.py").read_text() + "\n# another rule\n")
+    assert lr_finder.code_digest(copy) == digest, "a new pick rule re-picks from the saved sweep"
+    (copy / "steps.py").write_text((copy / "steps.py").read_text() + "\n# another step\n")
+    assert lr_finder.code_digest(copy) != digest, "a change to what the sweep runs sweeps again"

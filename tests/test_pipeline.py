@@ -179,6 +179,36 @@ def test_a_second_repro_does_nothing(repo):
     assert "Data and pipelines are up to date" in result.stdout
 
 
+def test_an_epochs_only_experiment_re_picks_from_the_saved_sweep_what_a_new_sweep_would(repo):
+    """`dvc exp run -S train.epochs=N` reruns lr_range_test (the pick reads the training's length) but sweeps
+    nothing: the curve saved under the sweep's inputs is re-picked, to the bytes a new sweep gives, and training
+    reruns from that range."""
+    kept = {name: (repo / name).read_bytes() for name in ("params.yaml", "dvc.lock")}
+    before = json.loads((repo / "reports/lr_range.json").read_text())
+    [saved] = (repo / ".lr_sweeps").iterdir()  # the first repro's sweep
+    stamp = saved.stat().st_mtime_ns
+    # params no other test runs (a run-cache entry would restore its outputs instead of running the stages)
+    result = sh(repo, "dvc", "exp", "run", "-S", "train.epochs=4", "-S", "train.peak_epoch=2", "-n", "four-epochs")
+    assert ran(result) == ["lr_range_test", "train_one_cycle", "plot_reports"]
+    assert f"LR range test: no new sweep: {saved} holds the curve of a sweep with the same inputs" in result.stdout
+    assert [p.name for p in (repo / ".lr_sweeps").iterdir()] == [saved.name] and saved.stat().st_mtime_ns == stamp
+    repicked = {name: (repo / name).read_bytes() for name in ("reports/lr_range.json", "reports/lr_range.csv")}
+    found = json.loads(repicked["reports/lr_range.json"])
+    assert found["lr_max"] != before["lr_max"], "budget reads the training's length"
+    assert len((repo / "reports/history.csv").read_text().splitlines()) == 1 + 4, "retrained for 4 epochs"
+    _, runs = mlflow_runs(repo, "train_one_cycle")
+    assert float(runs[-1].data.params["lr_max"]) == found["lr_max"], "from the re-picked range"
+    _, range_runs = mlflow_runs(repo, "lr_range_test")
+    assert "re-picked from the saved sweep" in range_runs[-1].data.tags["mlflow.note.content"]
+
+    saved.unlink()  # a new sweep, with the same params: the same bytes
+    sh(repo, "dvc", "repro", "-f", "-s", "lr_range_test")
+    assert {name: (repo / name).read_bytes() for name in repicked} == repicked
+    for name, content in kept.items():
+        (repo / name).write_bytes(content)
+    sh(repo, "dvc", "checkout")
+
+
 def test_a_misspelt_section_stops_repro_with_its_name_and_costs_no_result(repo):
     original = (repo / "params.yaml").read_text()
     kept = ("models/model.pt", "reports/metrics.json", "reports/lr_range.json", "reports/plots/accuracy.png")
@@ -264,15 +294,16 @@ def test_sigterm_mid_epoch_ends_the_run_killed_and_the_next_repro_resumes_to_the
 
 
 def test_every_train_key_the_sweep_runs_with_reruns_the_range_test(repo):
-    """A range found under other settings is never reused: dvc.yaml lists what find_range reads."""
+    """A range found under other settings is never reused: dvc.yaml lists what the sweep and the pick read."""
     before = (repo / "params.yaml").read_text()
     params = yaml.safe_load(before)
-    for key in lr_finder.SWEEP_TRAIN_KEYS:  # every one at once: `dvc status` lists each changed value
+    keys = lr_finder.SWEEP_TRAIN_KEYS + lr_finder.PICK_TRAIN_KEYS
+    for key in keys:  # every one at once: `dvc status` lists each changed value
         params["train"][key.removeprefix("train.")] = "changed"  # DVC compares values; it does not check them
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = sh(repo, "dvc", "status", "lr_range_test").stdout
     (repo / "params.yaml").write_text(before)
-    assert "modified" in status and all(key in status for key in lr_finder.SWEEP_TRAIN_KEYS), status
+    assert "modified" in status and all(key in status for key in keys), status
     assert "lr_range_test" not in sh(repo, "dvc", "status", "lr_range_test").stdout
 
 
@@ -355,9 +386,12 @@ def test_experiments_are_new_mlflow_runs_tagged_with_their_names_also_two_at_a_t
         assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")}, "plot_reports found the run"
         assert run.info.run_name.startswith(f"{name} · w4 ") and f"{epochs} ep" in run.info.run_name
         assert f"DVC experiment: `{name}`" in run.data.tags["mlflow.note.content"]
-    # the pick (budget) reads train.epochs: each experiment ran its own range test
+    # the pick (budget) reads train.epochs: each experiment re-picked its own range, from the sweep that the
+    # repository root keeps (DVC_ROOT: queued experiments share it), with no new sweep
     _, range_runs = mlflow_runs(repo, "lr_range_test")
-    assert {r.data.tags.get("dvc.exp_name") for r in range_runs} >= set(names)
+    queued = [r for r in range_runs if r.data.tags.get("dvc.exp_name") in names]
+    assert len(queued) == 2
+    assert all("re-picked from the saved sweep" in r.data.tags["mlflow.note.content"] for r in queued)
     assert len({r.info.run_name for r in runs}) == len(runs), "every training run has a name of its own"
 
 

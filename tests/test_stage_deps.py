@@ -63,7 +63,9 @@ def test_the_import_walk_sees_indirect_and_function_level_imports(tmp_path):
     assert {"plots", "schedules", "outputs", "config", "errors"} <= modules_run_by(script)  # via plots.py
 
 
-def test_the_range_test_stage_lists_exactly_the_train_keys_the_sweep_reads():
+def test_the_range_test_stage_lists_exactly_the_train_keys_the_sweep_and_the_pick_read():
     params = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["lr_range_test"]["params"]
     train_keys = [p for p in params if isinstance(p, str) and p.startswith("train")]
-    assert sorted(train_keys) == sorted(lr_finder.SWEEP_TRAIN_KEYS) and len(set(train_keys)) == len(train_keys)
+    read = lr_finder.SWEEP_TRAIN_KEYS + lr_finder.PICK_TRAIN_KEYS
+    assert sorted(train_keys) == sorted(read) and len(set(train_keys)) == len(train_keys)
+    assert not set(lr_finder.SWEEP_TRAIN_KEYS) & set(lr_finder.PICK_KEYS), "a key the sweep reads is no pick key"

@@ -12,6 +12,8 @@ The sweep trains the model it is given; its weights and the optimizer come back 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
 import json
 import math
 from collections.abc import Callable, Iterator
@@ -22,8 +24,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from onecycle import batches, picks, schedules, steps, training
-from onecycle.config import LRFinderParams, Params, TrainParams
+from onecycle import batches, outputs, picks, schedules, steps, training
+from onecycle.config import LRFinderParams, Params, TrainParams, flatten
 from onecycle.data import Dataset
 from onecycle.errors import UserError
 from onecycle.model import build_model
@@ -31,7 +33,6 @@ from onecycle.model import build_model
 # The train keys the sweep reads (dvc.yaml lists them as the stage's params, so a change reruns it): its batches,
 # seed, optimizer, loss, precision and memory layout, as training runs them
 SWEEP_TRAIN_KEYS = (
-    "train.epochs",  # the training's length in steps, which the default pick (budget) reads
     "train.batch_size",
     "train.seed",
     "train.momentum",
@@ -43,6 +44,16 @@ SWEEP_TRAIN_KEYS = (
     "train.channels_last",
     "train.device",
 )
+
+# The keys that the pick reads and the sweep does not (dvc.yaml lists them as the stage's params too). A change to
+# these alone reruns the stage, which then re-picks from the curve saved under the sweep's inputs (saved_sweep):
+# the same lr_range.json as a new sweep would give, without its cost (at full width, 10 to 20 minutes on a CPU).
+PICK_KEYS = (
+    "lr_finder.pick",
+    "lr_finder.min_div",
+    "train.epochs",  # the training's length in steps, which the default pick (budget) reads
+)
+PICK_TRAIN_KEYS = tuple(k for k in PICK_KEYS if k.startswith("train."))
 
 CSV_COLUMNS = ("iteration", "lr", "loss", "smoothed_loss", "accuracy", "smoothed_accuracy")
 
@@ -240,17 +251,16 @@ def training_range(found: dict, train: TrainParams) -> tuple[float, float]:
     return found["lr_min"] * train.lr_scale, found["lr_max"] * train.lr_scale
 
 
-def find_range(
+def sweep(
     params: Params,
     dataset: Dataset,
     device: torch.device,
     *,
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
-) -> tuple[Curve, LRRange]:
-    """The lr_range_test stage's work: a fresh model (seeded by train.seed) swept on the training batches as
-    training would see them, and LRMAX picked off the curve (UserError when it shows no range)."""
-    # a batch size or peak epoch that training could not use stops here, before the sweep's work
+) -> Curve:
+    """The range test's sweep: a fresh model (seeded by train.seed) trained on the training batches as training
+    would see them, with a rising LR. A batch size or peak epoch that training could not use stops it first."""
     training.check_fits(params.train, len(dataset.train.labels))
     torch.manual_seed(params.train.seed)
     options = steps.StepOptions.of(params.train, device)  # precision, memory layout and loss of training
@@ -259,8 +269,83 @@ def find_range(
     optimizer = steps.make_optimizer(model, params.train, params.lr_finder.start_lr, params.train.momentum[1])
     loader = batches.TrainLoader(dataset, params.augment, params.train.batch_size, device)
     sweep_batches = loader.endless(seed=params.train.seed)
-    curve = range_test(
+    return range_test(
         model, optimizer, sweep_batches, params.lr_finder, options=options, progress=progress, on_step=on_step
     )
-    steps_per_epoch = schedules.steps_per_epoch(len(dataset.train.labels), params.train.batch_size)
-    return curve, pick_range(curve, params.lr_finder, params.train.epochs * steps_per_epoch)
+
+
+def pick(curve: Curve, params: Params, train_images: int) -> LRRange:
+    """LRMAX off `curve` by lr_finder.pick, for a training of train.epochs on `train_images` images (UserError
+    when the curve shows no range)."""
+    training.check_fits(params.train, train_images)
+    steps_per_epoch = schedules.steps_per_epoch(train_images, params.train.batch_size)
+    return pick_range(curve, params.lr_finder, params.train.epochs * steps_per_epoch)
+
+
+def find_range(
+    params: Params,
+    dataset: Dataset,
+    device: torch.device,
+    *,
+    progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
+) -> tuple[Curve, LRRange]:
+    """The sweep, then the pick off its curve."""
+    curve = sweep(params, dataset, device, progress=progress, on_step=on_step)
+    return curve, pick(curve, params, len(dataset.train.labels))
+
+
+def sweep_inputs(params: Params, data_meta: dict, device: torch.device) -> dict:
+    """Everything a sweep's curve depends on: the params it reads (every augment, model and lr_finder key but the
+    pick's, and SWEEP_TRAIN_KEYS), the data (download_cifar's meta.json), the library's code but the pick rules',
+    torch and the device with its CPU kernels. Two sweeps with the same inputs give the same curve, bit for bit,
+    on the CPU."""
+    flat = flatten(params)
+    read = {
+        k: v
+        for k, v in flat.items()
+        if (k.split(".")[0] in ("augment", "model", "lr_finder") or k in SWEEP_TRAIN_KEYS) and k not in PICK_KEYS
+    }
+    return {
+        "params": read,
+        "data": {k: v for k, v in data_meta.items() if k != "source_url"},  # the same archive read from elsewhere
+        "code": code_digest(Path(__file__).parent),
+        "torch": torch.__version__,
+        "device": str(device),
+        "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
+    }
+
+
+def code_digest(library: Path) -> str:
+    """The sha256 of the library's modules, but picks.py: the pick rules read the curve, they do not make it."""
+    code = hashlib.sha256()
+    for module in sorted(Path(library).glob("*.py")):
+        if module.name != "picks.py":
+            code.update(module.name.encode() + b"\0" + module.read_bytes())
+    return code.hexdigest()
+
+
+def saved_path(folder: Path, inputs: dict) -> Path:
+    """Where the sweep of these inputs is saved in `folder`: a file named by their digest."""
+    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    return Path(folder) / f"{digest[:20]}.json"
+
+
+def saved_sweep(folder: Path, inputs: dict) -> Curve | None:
+    """The curve a sweep with these inputs saved in `folder` (save_sweep), or None when there is none (or it is
+    unreadable: then the stage sweeps again)."""
+    path = saved_path(folder, inputs)
+    try:
+        saved = json.loads(path.read_text())
+        if saved["inputs"] != json.loads(json.dumps(inputs)):
+            return None
+        return Curve(**saved["curve"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def save_sweep(folder: Path, inputs: dict, curve: Curve) -> Path:
+    """Keep `curve` under its inputs, so that a change of a key only the pick reads re-picks from it."""
+    path = saved_path(folder, inputs)
+    outputs.write_json(path, {"inputs": inputs, "curve": dataclasses.asdict(curve)})
+    return path
