@@ -1,7 +1,6 @@
 """The LR-finder benchmark: in each setting, trained grids of LRMAX beside what every pick rule reads off the sweep.
 
     python -m research.lr_bench run --archive cifar-10-binary.tar.gz [--out docs/results/lr_bench] [--workers 2]
-    python -m research.lr_bench report [--out docs/results/lr_bench] [--page docs/lr-finder.md]
 
 `run` works through the settings of research/lr_bench.yaml: per seed, a range test (the lr_range_test stage's
 own `lr_finder.find_range`, whose curve every rule reads later), one `training.fit` per LRMAX of the grid (as
@@ -13,7 +12,8 @@ processes lose less to a busy core than one two-thread process), and writes one 
 A rerun skips what is there, so a killed benchmark keeps every finished job; what is planned next depends on
 what has finished (a grid grows past an edge that holds its best mean, close leaders get a third seed).
 
-`report` (research/lr_report.py) turns those files into the tables and plots of docs/lr-finder.md.
+research/lr_report.py turns those files into the tables and plots of docs/lr-finder.md, and fits the default
+rule's constants on them (it imports this module; this one never imports it).
 """
 
 from __future__ import annotations
@@ -87,8 +87,8 @@ class Job:
     def name(self) -> str:
         if self.kind == "sweep":
             return f"sweep-s{self.seed}" + (f"-{self.variant}" if self.variant else "")
-        if self.kind == "found":
-            return f"found-{self.rule}-s{self.seed}"
+        if self.kind == "found":  # its LRMAX in the name: the same sweep picked under other constants is another job
+            return f"found-{self.rule}-{self.lr_max:.6g}-s{self.seed}"
         return f"train-{self.lr_max:.6g}-s{self.seed}"
 
 
@@ -222,7 +222,7 @@ def noise_seeds(bench: Bench, setting: Setting, done: dict[str, dict], grid: lis
         return []
     best = max(grid, key=lambda lr: statistics.fmean(trained[lr]))
     accs = trained[best]
-    if len(accs) >= MAX_SEEDS or statistics.stdev(accs) / len(accs) ** 0.5 < NOISY:
+    if not 2 <= len(accs) < MAX_SEEDS or statistics.stdev(accs) / len(accs) ** 0.5 < NOISY:  # one seed: no error
         return []
     seed = max(bench.seeds) + 1 + len(accs) - len(bench.seeds)  # the next seed this setting has not used
     i = grid.index(best)
@@ -400,21 +400,13 @@ def main() -> None:
     go.add_argument("--config", type=Path, default=CONFIG)
     go.add_argument("--cache", type=Path, default=Path("/tmp/lr_bench"), help="decoded data, job payloads, logs")
     go.add_argument("--workers", type=int, default=2)
-    report = sub.add_parser("report", help="the tables and plots, from what has finished")
-    report.add_argument("--out", type=Path, default=ROOT / "docs/results/lr_bench")
-    report.add_argument("--config", type=Path, default=CONFIG)
-    report.add_argument("--page", type=Path, help="also refresh the tables of this page (docs/lr-finder.md)")
     sub.add_parser("child", help=argparse.SUPPRESS).add_argument("payload", type=Path)
     args = parser.parse_args()
     if args.command == "child":
         child(args.payload)
-    elif args.command == "run":
+    else:
         args.cache.mkdir(parents=True, exist_ok=True)
         run(args)
-    else:
-        from research import lr_report
-
-        lr_report.report(args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The LR-finder benchmark's report: every rule's pick on every sweep, read off the trained grids.
 
-    python -m research.lr_bench report [--out docs/results/lr_bench]
+    python -m research.lr_report report [--out docs/results/lr_bench] [--page docs/lr-finder.md]
+    python -m research.lr_report fit        # budget's two constants, fitted on every setting, into onecycle/picks.py
 
 For each setting of research/lr_bench.yaml (and `w64_full`, the spec's setting, whose grid and sweeps are the
 H200 record in docs/results/h200_gpu_run.json): the grid's mean test accuracy per LRMAX over its seeds, the
@@ -28,10 +29,12 @@ import numpy as np
 
 from onecycle import outputs, picks
 from onecycle.config import LRFinderParams
-from research.lr_bench import ROOT, grid_means, load_results, read_bench, sweep_from, training_steps
+from research.lr_bench import CONFIG, ROOT, grid_means, load_results, read_bench, sweep_from, training_steps
+from scripts.experiments import tool_main
 
 NOISE_FLOOR = 0.3  # points of test accuracy
 DEFAULT = LRFinderParams().pick
+PICKS = ROOT / "src/onecycle/picks.py"  # where `fit` writes budget's constants
 H200 = ROOT / "docs/results/h200_gpu_run.json"
 
 
@@ -42,18 +45,20 @@ class Setting:
     sweeps: dict[str, picks.Sweep]  # "s0", "s1", "s0-isa_default", ...
     note: str = ""
     features: dict[str, float] = field(default_factory=dict)  # what a rule might scale with: steps, images, ...
-    # rule -> sweep ("s0", ...) -> (LRMAX, test accuracy) of the range that rule found on that sweep, trained
-    trained: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
+    # rule -> sweep ("s0", ...) -> LRMAX -> test accuracy: ranges that rule found on that sweep, trained
+    trained: dict[str, dict[str, dict[float, float]]] = field(default_factory=dict)
     by_seed: dict[str, dict[float, float]] = field(default_factory=dict)  # "s0" -> LRMAX -> that seed's accuracy
 
     def means(self) -> dict[float, float]:
         return {lr: statistics.fmean(accs) for lr, accs in sorted(self.grid.items())}
 
     def best(self) -> tuple[float, float, float]:
-        """(LRMAX, mean, noise) of the best grid point."""
+        """(LRMAX, mean, noise) of the best grid point: the noise is the larger of NOISE_FLOOR and the standard
+        error of that point's mean over its seeds."""
         lr, mean = max(self.means().items(), key=lambda kv: kv[1])
-        spread = statistics.stdev(self.grid[lr]) if len(self.grid[lr]) > 1 else 0.0
-        return lr, mean, max(NOISE_FLOOR, spread)
+        accs = self.grid[lr]
+        error = statistics.stdev(accs) / len(accs) ** 0.5 if len(accs) > 1 else 0.0
+        return lr, mean, max(NOISE_FLOOR, error)
 
     def accuracy_at(self, lr: float) -> tuple[float, str]:
         """The grid's mean accuracy at `lr` (log-linear between grid points) and '' inside the grid, '<' or '>'
@@ -90,11 +95,11 @@ def bench_settings(out: Path, config: Path) -> list[Setting]:
         train = params.train
         features = {"training steps": steps, "warm-up steps": steps // train.epochs * train.peak_epoch}
         features |= {"training images": images, "epochs": train.epochs}
-        trained: dict[str, dict[str, tuple[float, float]]] = {}
+        trained: dict[str, dict[str, dict[float, float]]] = {}
         by_seed: dict[str, dict[float, float]] = {}
         for r in done.values():
-            if r["kind"] == "found":
-                trained.setdefault(r["rule"], {})[f"s{r['seed']}"] = (r["lr_max"], r["test_acc"])
+            if r["kind"] == "found":  # a sweep may have several: its picks under other constants
+                trained.setdefault(r["rule"], {}).setdefault(f"s{r['seed']}", {})[r["lr_max"]] = r["test_acc"]
             elif r["kind"] == "train":
                 by_seed.setdefault(f"s{r['seed']}", {})[r["lr_max"]] = r["test_acc"]
         if grid and sweeps:
@@ -130,7 +135,13 @@ def evaluate(setting: Setting, rules: dict[str, picks.Rule], compare: dict[str, 
         read = {k: setting.accuracy_at(lr) for k, lr in chosen.items() if lr is not None}
         marks = {mark for _, mark in read.values()}
         mean = statistics.fmean(acc for acc, _ in read.values()) if read else None
-        trained = setting.trained.get(name, {})
+        # the trainings of this very pick (a range found under other constants of the rule is not this one)
+        trained = {
+            k: (lr, acc)
+            for k, runs in setting.trained.get(name, {}).items()
+            for lr, acc in runs.items()
+            if chosen.get(k) and abs(math.log(lr / chosen[k])) < 1e-6
+        }
         if read and set(read) <= set(trained):  # the found range trained from every sweep: judged on that
             mean, marks = statistics.fmean(trained[k][1] for k in read), {"trained"}
         verdict = "?" if mean is None or "?" in marks else ("within" if mean >= best - noise else "miss")
@@ -263,74 +274,143 @@ def found_table(summaries: dict[str, dict], rule: str) -> str:
     return "\n".join(lines)
 
 
-def calibration(settings: list[Setting]) -> str:
-    """The budget rule's two constants, fitted by least squares in logs: log(best LRMAX / lowest loss's LR) =
-    BUDGET_POWER x log(training steps / BUDGET_REFERENCE_STEPS), on every setting with a grid of 5 points or
-    more; each setting's shortfall from its best when the constants are fitted on the others only; and the same
-    leave-one-out with another feature of the setting in place of the training steps."""
+def base_sweeps(s: Setting) -> list[picks.Sweep]:
+    return [v for k, v in s.sweeps.items() if "-" not in k]
 
-    def sweeps(s: Setting) -> list[picks.Sweep]:
-        return [v for k, v in s.sweeps.items() if "-" not in k]
 
-    def fit(group: list[Setting], feature: str) -> tuple[float, float]:
-        x, y = [], []
-        for s in group:
-            for w in sweeps(s):
-                x.append(math.log(s.features[feature]))
-                y.append(math.log(s.best()[0] / picks.lowest_loss_lr(w)))
-        power, intercept = np.polyfit(x, y, 1)
-        return float(power), float(math.exp(-intercept / power))  # (power, reference)
+def fit_budget(group: list[Setting], feature: str = "training steps") -> tuple[float, float]:
+    """budget's two constants, by least squares in logs over every base sweep of `group`: log(best LRMAX /
+    lowest loss's LR) = power x log(feature / reference). Returns (power, reference)."""
+    x, y = [], []
+    for s in group:
+        for w in base_sweeps(s):
+            x.append(math.log(s.features[feature]))
+            y.append(math.log(s.best()[0] / picks.lowest_loss_lr(w)))
+    power, intercept = np.polyfit(x, y, 1)
+    return float(power), float(math.exp(-intercept / power))
 
-    def shortfall(s: Setting, feature: str, power: float, reference: float) -> float:
-        scale = (s.features[feature] / reference) ** power
-        return s.best()[1] - statistics.fmean(s.accuracy_at(picks.lowest_loss_lr(w) * scale)[0] for w in sweeps(s))
 
-    def left_out(s: Setting, feature: str) -> tuple[float, float, float]:
-        power, reference = fit([o for o in fitted if o is not s], feature)
-        return shortfall(s, feature, power, reference), power, reference
+def fitted(settings: list[Setting]) -> list[Setting]:
+    """The settings a fit may use: 5 grid points or more with the first two seeds each (one, where the setting has
+    one seed: the H200's grid), the best among them; a setting still running is left out until it has them."""
 
-    fitted = [s for s in settings if len(s.grid) >= 5]
-    if len(fitted) < 3:
-        return f"No fit: {len(fitted)} setting(s) with a grid of 5 points or more, and leaving one out needs 3."
-    power, reference = fit(fitted, "training steps")
-    lines = [
-        f"Fitted on {', '.join(s.name for s in fitted)}: power {power:.3f}, reference {reference:.0f} steps "
-        f"(committed: {picks.BUDGET_POWER:.3f}, {picks.BUDGET_REFERENCE_STEPS})",
-        "",
-        "| setting | training steps | best LRMAX / lowest loss's LR | shortfall, committed constants | "
-        "shortfall, fitted without this setting |",
-        "|---|---|---|---|---|",
+    def need(s: Setting) -> int:
+        return min(2, max(map(len, s.grid.values())))
+
+    return [
+        s
+        for s in settings
+        if sum(len(a) >= need(s) for a in s.grid.values()) >= 5 and len(s.grid[s.best()[0]]) >= need(s)
     ]
-    for s in fitted:
-        ratio = statistics.geometric_mean([s.best()[0] / picks.lowest_loss_lr(w) for w in sweeps(s)])
-        committed = shortfall(s, "training steps", picks.BUDGET_POWER, picks.BUDGET_REFERENCE_STEPS)
-        short, p, r = left_out(s, "training steps")
+
+
+def budget_read(s: Setting, power: float, reference: float, feature: str = "training steps") -> tuple[float, float]:
+    """(geometric mean pick, mean grid accuracy read at the picks) of budget with these constants on s's sweeps."""
+    scale = (s.features[feature] / reference) ** power
+    lrs = [float(np.clip(picks.lowest_loss_lr(w) * scale, w.lr[0], w.lr[-1])) for w in base_sweeps(s)]
+    return statistics.geometric_mean(lrs), statistics.fmean(s.accuracy_at(lr)[0] for lr in lrs)
+
+
+def leave_one_out(settings: list[Setting], summaries: dict[str, dict]) -> str:
+    """The headline: for each setting, budget's constants fitted on all the other settings, its picks on this
+    setting's sweeps read off this setting's grid, and the verdict (within noise of the best mean, or the
+    shortfall); beside it, in sample, the committed constants' verdict from the main table."""
+    group = fitted(settings)
+    if len(group) < 3:
+        return f"No fit: {len(group)} setting(s) with a grid of 5 points or more, and leaving one out needs 3."
+    lines = [
+        "| setting | best LRMAX | best mean | noise (seeds at best) | fitted on the others: power, reference | "
+        "pick | accuracy read there | shortfall | out of sample | in sample (committed constants) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    shorts, within = [], 0
+    for s in group:
+        power, reference = fit_budget([o for o in group if o is not s])
+        lr, acc = budget_read(s, power, reference)
+        best_lr, best, noise = s.best()
+        short = best - acc
+        ok = short <= noise
+        within += ok
+        shorts.append(short)
+        r = summaries[s.name]["rules"][DEFAULT]
+        inside = {"within": "within", "miss": "miss", "?": "?"}[r["verdict"]]
+        inside += f" ({best - r['mean_accuracy']:.2f} short)" if r["mean_accuracy"] is not None else ""
         lines.append(
-            f"| {s.name} | {s.features['training steps']:.0f} | {ratio:.3f} | {committed:.2f} | "
-            f"{short:.2f} (power {p:.2f}, reference {r:.0f}) |"
+            f"| {s.name} | {best_lr:.3g} | {best:.2f} | {noise:.2f} ({len(s.grid[best_lr])}) | {power:.3f}, "
+            f"{reference:.0f} | {lr:.3g} | {acc:.2f} | {short:.2f} | {'**within**' if ok else 'miss'} | {inside} |"
         )
-    lines += ["", "| scaled by | leave-one-out shortfall, worst | mean |", "|---|---|---|"]
-    for feature in fitted[0].features:
-        shorts = [left_out(s, feature)[0] for s in fitted]
-        lines.append(f"| {feature} | {max(shorts):.2f} | {statistics.fmean(shorts):.2f} |")
+    power, reference = fit_budget(group)
+    return "\n".join(
+        [
+            f"Out of sample, `budget` is within noise in {within} of {len(group)} settings; the worst shortfall is "
+            f"{max(shorts):.2f} points (median {statistics.median(shorts):.2f}). Fitted on all {len(group)}: power "
+            f"{power:.3f}, reference {reference:.0f} steps (committed in onecycle/picks.py: "
+            f"{picks.BUDGET_POWER:.3f}, {picks.BUDGET_REFERENCE_STEPS:.0f}).",
+            "",
+            *lines,
+        ]
+    )
+
+
+def features_table(settings: list[Setting]) -> str:
+    """The leave-one-out shortfall with another feature of the setting in place of the training steps."""
+    group = fitted(settings)
+    if len(group) < 3:
+        return "No fit."
+    lines = ["| scaled by | leave-one-out shortfall, worst | median |", "|---|---|---|"]
+    for feature in group[0].features:
+        shorts = []
+        for s in group:
+            power, reference = fit_budget([o for o in group if o is not s], feature)
+            shorts.append(s.best()[1] - budget_read(s, power, reference, feature)[1])
+        lines.append(f"| {feature} | {max(shorts):.2f} | {statistics.median(shorts):.2f} |")
     return "\n".join(lines)
 
 
-def rounding(summaries: dict[str, dict], compare: dict[str, str], rules: tuple[str, ...]) -> str:
-    """Each variant sweep's pick over its compared sweep's, for `rules` (a factor; * where the two read opposite
-    verdicts)."""
+def write_fit(settings: list[Setting], source: Path) -> tuple[float, float]:
+    """Fit budget's constants on every setting and write them between the `# fit:` marks of `source`
+    (onecycle/picks.py)."""
+    power, reference = fit_budget(fitted(settings))
+    body = (
+        f"BUDGET_REFERENCE_STEPS = {reference:.1f}  # the training length at which LRMAX is the lowest loss's LR "
+        f"itself\nBUDGET_POWER = {power:.4f}\n"
+    )
+    text = re.sub(
+        r"(# fit:begin\n).*?(# fit:end)", lambda m: m.group(1) + body + m.group(2), source.read_text(), flags=re.S
+    )
+    outputs.write_bytes(source, text.encode())
+    return power, reference
+
+
+def variant_table(summaries: dict[str, dict], compare: dict[str, str], rules: tuple[str, ...], names: set[str]) -> str:
+    """Each sweep of the variants `names` against its compared sweep, for `rules`: the factor between their picks
+    (* where the two read opposite verdicts), and the worst factor (either way) of each rule."""
     lines = ["| sweep | compared with | " + " | ".join(rules) + " |", "|---" * (len(rules) + 2) + "|"]
+    worst = dict.fromkeys(rules, 1.0)
     for setting, summary in summaries.items():
         keys = sorted({k for r in rules for k in summary["rules"][r]["variant_factors"]})
         for key in keys:
             seed, _, variant = key.partition("-")
+            if variant not in names:
+                continue
             cells = []
             for r in rules:
                 f = summary["rules"][r]["variant_factors"].get(key)
+                if f is not None:
+                    worst[r] = max(worst[r], f["factor"], 1 / f["factor"])
                 cells.append("-" if f is None else f"{f['factor']:.3f}" + ("" if f["same_verdict"] else " *"))
             against = f"{seed}-{compare[variant]}" if compare.get(variant) else seed
             lines.append(f"| {setting} {key} | {setting} {against} | " + " | ".join(cells) + " |")
+    lines.append("| **worst factor, either way** | | " + " | ".join(f"**{worst[r]:.2f}**" for r in rules) + " |")
     return "\n".join(lines)
+
+
+def pictures(names: list[str]) -> str:
+    """Every setting's picture, two a row (docs/results/lr_bench/<setting>.png, linked from docs/)."""
+    cells = [f"![{n}](results/lr_bench/{n}.png)" for n in names] + [""] * (len(names) % 2)
+    rows = ["| | |", "| --- | --- |"]
+    rows += [f"| {a} | {b} |" for a, b in zip(cells[::2], cells[1::2], strict=True)]
+    return "\n".join(rows)
 
 
 def refresh_page(page: Path, sections: dict[str, str]) -> None:
@@ -344,10 +424,18 @@ def refresh_page(page: Path, sections: dict[str, str]) -> None:
     print(f"refreshed the tables of {page}")
 
 
+def all_settings(out: Path, config: Path) -> list[Setting]:
+    return [h200_setting(), *bench_settings(out, config)]
+
+
 def report(args) -> dict:
-    settings = [h200_setting(), *bench_settings(args.out, args.config)]
+    settings = all_settings(args.out, args.config)
     rules = dict(picks.RULES)
-    compare = {v.name: v.compare for v in read_bench(args.config).variants}
+    variants = read_bench(args.config).variants
+    compare = {v.name: v.compare for v in variants}
+    # the sweep's own knobs: variants that change an lr_finder key (the others change float rounding alone)
+    knobs = {v.name for v in variants if any(k.startswith("lr_finder.") for k in v.overrides | v.times)}
+    shown = (DEFAULT, "min_loss", "acc_drop", "fastai_valley")
     summaries = {s.name: evaluate(s, rules, compare) for s in settings}
     for s in settings:
         plot(s, summaries[s.name], args.out / f"{s.name}.png", tuple(rules), DEFAULT)
@@ -355,10 +443,37 @@ def report(args) -> dict:
     sections = {
         "results": markdown(summaries, tuple(rules)),
         "found": found_table(summaries, DEFAULT),
-        "calibration": calibration(settings),
-        "rounding": rounding(summaries, compare, (DEFAULT, "min_loss", "acc_drop")),
+        "loo": leave_one_out(settings, summaries),
+        "features": features_table(settings),
+        "knobs": variant_table(summaries, compare, shown, knobs),
+        "pictures": pictures(list(summaries)),
+        "rounding": variant_table(summaries, compare, shown, set(compare) - knobs),
     }
     print("\n\n".join(sections.values()))
     if args.page:
         refresh_page(args.page, sections)
     return summaries
+
+
+@tool_main
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    report_ = sub.add_parser("report", help="the tables and plots, from what has finished")
+    report_.add_argument("--page", type=Path, help="also refresh the tables of this page (docs/lr-finder.md)")
+    fit = sub.add_parser("fit", help="fit budget's constants on every setting, into src/onecycle/picks.py")
+    for command in (report_, fit):
+        command.add_argument("--out", type=Path, default=ROOT / "docs/results/lr_bench")
+        command.add_argument("--config", type=Path, default=CONFIG)
+    args = parser.parse_args()
+    if args.command == "fit":
+        power, reference = write_fit(all_settings(args.out, args.config), PICKS)
+        print(f"wrote power {power:.4f}, reference {reference:.1f} steps into {PICKS}")
+    else:
+        report(args)
+
+
+if __name__ == "__main__":
+    main()

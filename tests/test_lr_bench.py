@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from onecycle import picks
+from research import lr_bench, lr_report
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = """
 set: {augment.backend: tensor}
@@ -20,9 +23,9 @@ settings:
 """
 
 
-def bench(*args: str) -> subprocess.CompletedProcess:
+def bench(*args: str, module: str = "research.lr_bench") -> subprocess.CompletedProcess:
     env = os.environ | {"NO_ALBUMENTATIONS_UPDATE": "1"}
-    done = subprocess.run([sys.executable, "-m", "research.lr_bench", *args], cwd=ROOT, env=env,
+    done = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return done
@@ -48,9 +51,23 @@ def test_the_benchmark_runs_each_job_once_resumes_and_reports_every_rule(tmp_pat
     again = bench("run", "--archive", str(small_archive[0]), "--cache", str(cache), *common).stdout
     assert again.count(" start ") == 1 and "start tiny/train-0.1-s0" in again
 
-    table = bench("report", *common).stdout
+    table = bench("report", *common, module="research.lr_report").stdout
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == {"w64_full", "tiny"}  # the H200's record beside the benchmark's settings
     assert "| budget |" in table and "| fastai_valley |" in table and "| lightning |" in table
     assert summary["w64_full"]["best"]["lr_max"] == 0.025
     assert (out / "tiny.png").stat().st_size > 10_000 and (out / "w64_full.png").stat().st_size > 10_000
+
+
+def test_budget_s_committed_constants_are_what_the_fit_gives_on_the_committed_results(tmp_path):
+    """No constant of the default rule is typed in by hand: `python -m research.lr_report fit` wrote them from the
+    results under docs/results/lr_bench, and refitting those results gives them again."""
+    settings = lr_report.all_settings(ROOT / "docs/results/lr_bench", lr_bench.CONFIG)
+    group = lr_report.fitted(settings)
+    assert len(group) >= 3 and "w64_full" in {s.name for s in group}
+    power, reference = lr_report.fit_budget(group)
+    assert (round(power, 4), round(reference, 1)) == (picks.BUDGET_POWER, picks.BUDGET_REFERENCE_STEPS)
+    copy = tmp_path / "picks.py"
+    copy.write_text(lr_report.PICKS.read_text())
+    lr_report.write_fit(settings, copy)
+    assert copy.read_text() == lr_report.PICKS.read_text(), "fit rewrites the two lines between its marks alone"

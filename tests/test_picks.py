@@ -111,10 +111,11 @@ def test_budget_scales_the_lowest_loss_lr_by_a_power_of_the_training_length_and_
     bowl = 2.0 + (np.log(LR) - np.log(0.01)) ** 2
     at_reference = picks.Sweep(LR, bowl, bowl, bowl, bowl, num_iter=41, train_steps=picks.BUDGET_REFERENCE_STEPS)
     assert picks.budget(at_reference) == pytest.approx(0.01)  # the lowest loss's LR itself
-    # an 8x longer training: 8 ** (2/3) = 4x the LR; an 8x shorter one, a quarter
-    for factor, scale in ((8, 4.0), (1 / 8, 0.25)):
+    # an 8x longer training: 8 ** power x the LR; an 8x shorter one, 8 ** -power (the fitted constants)
+    for factor in (8, 1 / 8):
         s = dataclasses.replace(at_reference, train_steps=picks.BUDGET_REFERENCE_STEPS * factor)
-        assert picks.budget(s) == pytest.approx(0.01 * scale)
+        assert picks.budget(s) == pytest.approx(0.01 * factor**picks.BUDGET_POWER)
+        assert (picks.budget(s) > 0.01) == (factor > 1), "a longer training, a higher LRMAX"
     long = picks.Sweep(LR, bowl, bowl, bowl, bowl, num_iter=41, train_steps=41 * 10_000_000)
     assert picks.budget(long) == LR[-1]  # never past the LRs the sweep tried
     assert picks.budget(picks.Sweep(LR, bowl, bowl, bowl, bowl, num_iter=41)) is None  # the length unknown
