@@ -3,8 +3,9 @@
     python scripts/register_model.py [--name cifar10-custom-resnet] [--run RUN_ID]
 
 By default it registers the MLflow model of the run that trained the workspace's models/model.pt (found by the
-file's sha256, as plot_reports finds it); --run names another training run. Prints the version and its
-models:/ URI, which `mlflow.pytorch.load_model` and `mlflow models serve` take.
+file's sha256, as plot_reports finds it); --run names another training run. It registers that run's logged
+model by its own URI (models:/<model id>), as MLflow 3 keeps it. Prints the version and its models:/ URI, which
+`mlflow.pytorch.load_model` and `mlflow models serve` take.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import argparse
 from pathlib import Path
 
 import mlflow
+from mlflow.tracking import MlflowClient
 
 from onecycle.errors import UserError, stage_main
-from onecycle.tracking import MODEL_NAME, Tracker, file_sha256
+from onecycle.tracking import Tracker, file_sha256
 
 REGISTERED_NAME = "cifar10-custom-resnet"
 
@@ -38,8 +40,13 @@ def main() -> None:
         run_id = run.id
     mlflow.set_tracking_uri(tracker.uri)
     try:
-        version = mlflow.register_model(f"runs:/{run_id}/{MODEL_NAME}", args.name)
-    except Exception as exc:  # no such run, or a run without a logged model
+        logged = [m.model_id for m in MlflowClient(tracker.uri).get_run(run_id).outputs.model_outputs]
+        if not logged:
+            raise UserError(f"run {run_id} logged no MLflow model (its training did not finish?)")
+        version = mlflow.register_model(f"models:/{logged[-1]}", args.name)
+    except UserError:
+        raise
+    except Exception as exc:  # no such run, or a store that refuses
         raise UserError(f"cannot register the model of run {run_id}: {' '.join(str(exc).split())[:300]}") from None
     print(f"registered {args.name} version {version.version} (run {run_id}): models:/{args.name}/{version.version}")
 

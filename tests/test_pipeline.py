@@ -167,6 +167,7 @@ def test_the_logged_model_classifies_as_the_stage_measured_and_registers_in_one_
 
     registered = sh(repo, sys.executable, str(ROOT / "scripts" / "register_model.py"))  # what `make register` runs
     assert f"registered cifar10-custom-resnet version 1 (run {run.info.run_id})" in registered.stdout
+    assert "WARNING" not in registered.stderr and "no artifacts at artifact path" not in registered.stderr
     version = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").get_model_version("cifar10-custom-resnet", "1")
     assert version.run_id == run.info.run_id
     served = mlflow.pyfunc.load_model("models:/cifar10-custom-resnet/1")  # as `mlflow models serve` loads it
