@@ -66,9 +66,10 @@ lr-check: $(VENV)/.installed
 	$(BIN)/python -m scripts.lr_check --factors $(FACTORS)
 
 # Register the MLflow model of the run that trained models/model.pt in MLflow's Model Registry (a new version of
-# cifar10-custom-resnet; NAME=... another name, RUN=<run id> another training run's model).
+# cifar10-custom-resnet; NAME=... another name, RUN=<run id> another training run's model, BEST=1 the logged model
+# with the experiment's highest test_acc).
 register: $(VENV)/.installed
-	$(BIN)/python scripts/register_model.py $(if $(RUN),--run '$(RUN)') $(if $(NAME),--name '$(NAME)')
+	$(BIN)/python scripts/register_model.py $(if $(RUN),--run '$(RUN)') $(if $(NAME),--name '$(NAME)') $(if $(BEST),--best)
 
 # What a user sees in `mlflow ui`, in headless Chromium: two quick runs of the real pipeline, then the runs view,
 # the charts, one run and the compare page. First the check (tests/test_browser.py, on a small made-up archive),

@@ -18,9 +18,12 @@ from onecycle import data, distributed, estimate, lr_finder, outputs, training
 from onecycle.config import Params, flatten, load_params
 from onecycle.errors import stage_main
 from onecycle.model import Classifier, build_model
-from onecycle.tracking import RANGE_EXPERIMENT, Tracker, file_sha256
+from onecycle.tracking import RANGE_EXPERIMENT, Tracker, dataset_name, file_sha256, git_commit
 
 RUN_KEY = "mlflow_run_id"  # the checkpoint's record of the MLflow run its epochs were logged to
+MODEL_METRICS = ("test_acc", "test_loss")  # the last epoch's, logged once, linked to the model and test data
+# the params the logged model carries in MLflow's Models view (with the found range and the commit)
+MODEL_PARAMS = ("model.width", "train.epochs", "train.batch_size", "train.seed", "lr_finder.pick", "data.train_limit")
 
 
 def final_metrics(history: list[training.EpochRecord], lr_min: float, lr_max: float) -> dict:
@@ -106,6 +109,8 @@ def train(args: argparse.Namespace, params: Params, group: distributed.Group, de
     def on_epoch(record: training.EpochRecord) -> None:
         values = dataclasses.asdict(record)
         metrics = {k: values[k] for k in training.HISTORY_COLUMNS[1:-1]}
+        if record.epoch == params.train.epochs:  # the last epoch's test figures: linked to the model, below
+            metrics = {k: v for k, v in metrics.items() if k not in MODEL_METRICS}
         run.log_metrics(record.epoch, metrics, f"the metrics of epoch {record.epoch}")
         if record.epoch == len(resume.history if resume else []) + 1:  # the first epoch of this process
             estimate.after_first_epoch(record.seconds, record.epoch, params, device.type)
@@ -133,11 +138,17 @@ def train(args: argparse.Namespace, params: Params, group: distributed.Group, de
 
         run.set_tags({"model_sha256": file_sha256(args.model)})
         run.set_note(describe(params, lr_min, lr_max, images, metrics))
-        run.log_metrics(len(history), {"best_test_acc": metrics["best_test_acc"]})
         run.log_artifacts([args.model, args.metrics, args.history, Path(args.params)])
         # on the CPU, in the standard layout: it loads and serves without this run's device
         net = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format)
-        run.log_model(Classifier(net, dataset.mean, dataset.std).eval(), dataset.test.images[:2])
+        model_params = {k: v for k, v in flatten(params).items() if k in MODEL_PARAMS}
+        model_params |= {"lr_min": lr_min, "lr_max": lr_max, "git_commit": git_commit()}
+        classifier = Classifier(net, dataset.mean, dataset.std).eval()
+        model_id = run.log_model(classifier, dataset.test.images[:2], model_params)
+        # the final test figures, linked to the model and to the test data they were measured on
+        linked = {k: metrics[k] for k in (*MODEL_METRICS, "best_test_acc")}
+        test = dataset_name("test", params.data.test_limit)
+        run.log_model_metrics(model_id, len(history), linked, test, params.data.md5)
     tracker.report_lost(kept_in=f"{args.history}, {args.metrics} and {args.model}")
     tracker.print_where()
     if not tracker.lost:

@@ -152,6 +152,30 @@ def test_the_training_run_is_in_the_mlflow_store(repo):
     assert range_run.data.tags["mlflow.note.content"].startswith(f"**LR range {found['lr_min']:.4g} - ")
 
 
+def test_the_logged_model_carries_its_accuracy_on_the_test_data_and_its_params(repo):
+    """MLflow 3's Models view: search_logged_models finds the model with the stage's final test_acc and test_loss,
+    linked to the test dataset (the archive's md5), and its params; the run's history keeps one point an epoch."""
+    client, [run] = mlflow_runs(repo, "train_one_cycle")
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    found = json.loads((repo / "reports/lr_range.json").read_text())
+    md5 = yaml.safe_load((repo / "params.yaml").read_text())["data"]["md5"]
+    order = [{"field_name": "metrics.test_acc", "ascending": False}]
+    [model] = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], order_by=order, output_format="list")
+    assert model.source_run_id == run.info.run_id
+    linked = {m.key: m for m in model.metrics}
+    assert {"test_acc", "test_loss", "best_test_acc"} <= set(linked)
+    assert linked["test_acc"].value == pytest.approx(metrics["test_acc"])
+    assert linked["test_loss"].value == pytest.approx(metrics["test_loss"])
+    ours = ("test_acc", "test_loss", "best_test_acc")
+    assert {(linked[k].dataset_name, linked[k].dataset_digest) for k in ours} == {("cifar10-test", md5)}
+    assert model.params["model.width"] == "4" and model.params["train.epochs"] == "2"
+    assert float(model.params["lr_max"]) == found["lr_max"] and model.params["lr_finder.pick"] == "budget"
+    assert model.params["git_commit"] == run.data.tags["mlflow.source.git.commit"]
+    for key in ("test_acc", "test_loss"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
+
+
 def test_the_logged_model_classifies_as_the_stage_measured_and_registers_in_one_command(repo):
     """`mlflow.pytorch.load_model("runs:/<id>/model")` gives a network that takes the test images as data/cifar10
     holds them (uint8 NHWC) and scores the stage's test accuracy; `make register` makes it a registry version."""
@@ -394,6 +418,17 @@ def test_experiments_are_new_mlflow_runs_tagged_with_their_names_also_two_at_a_t
     assert len(queued) == 2
     assert all("re-picked from the saved sweep" in r.data.tags["mlflow.note.content"] for r in queued)
     assert len({r.info.run_name for r in runs}) == len(runs), "every training run has a name of its own"
+    # MLflow 3's Models view ranks the experiment's models by their linked test_acc; `make register BEST=1`
+    # registers the first of them
+    order = [{"field_name": "metrics.test_acc", "ascending": False}]
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = [runs[0].info.experiment_id]
+    ranked = mlflow.search_logged_models(experiment_ids=experiment, order_by=order, output_format="list")
+    accs = [next(m.value for m in model.metrics if m.key == "test_acc") for model in ranked]
+    assert len(ranked) >= 3 and accs == sorted(accs, reverse=True)
+    best = sh(repo, sys.executable, str(ROOT / "scripts" / "register_model.py"), "--best", "--name", "best-resnet")
+    assert f"the best logged model: {ranked[0].model_id} of run {ranked[0].source_run_id}" in best.stdout
+    assert "registered best-resnet version 1" in best.stdout
 
 
 def test_dvc_queue_kill_ends_a_queued_experiment_s_run_killed(repo):

@@ -105,6 +105,12 @@ def check_server(uri: str, timeout: float = 10.0) -> None:
         ) from None
 
 
+def dataset_name(context: str, limit: int | None) -> str:
+    """The name a split's dataset is logged under: "cifar10-test", or "cifar10-test-first-500" for the first 500
+    images (the same archive cut to its first N images is other data: the name says so, the digest cannot)."""
+    return f"cifar10-{context}" + (f"-first-{limit}" if limit is not None else "")
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -398,16 +404,17 @@ class Run:
             source = resolve_dataset_source(url)
         inputs = []
         for context, (images, limit) in splits.items():
-            # the same archive cut to its first N images is other data: the name says so (the digest cannot)
-            name = f"cifar10-{context}" + (f"-first-{limit}" if limit is not None else "")
+            name = dataset_name(context, limit)
             profile = json.dumps({"images": images, "first_images_kept": limit})
             dataset = Dataset(name, md5, source._get_source_type(), source.to_json(), profile=profile)
             inputs.append(DatasetInput(dataset, [InputTag("mlflow.data.context", context)]))
         self.tracker.attempt("the datasets", lambda: self.tracker.client.log_inputs(self.id, datasets=inputs))
 
-    def log_model(self, model: torch.nn.Module, example: np.ndarray) -> None:
+    def log_model(self, model: torch.nn.Module, example: np.ndarray, params: Mapping[str, Any]) -> str | None:
         """`model` as the run's MLflow model (runs:/<run id>/model): `mlflow.pytorch.load_model` gives it back,
-        `mlflow models predict` serves it. `example`: a few inputs, for its signature and input example."""
+        `mlflow models predict` serves it. `example`: a few inputs, for its signature and input example;
+        `params`: the model's own params in MLflow's Models view. Returns its model id (None if the store
+        did not take it)."""
         import mlflow
         import mlflow.pytorch
         from mlflow.models import infer_signature
@@ -416,7 +423,7 @@ class Run:
             signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
         requirements = [f"{p}=={importlib.metadata.version(p)}" for p in ("torch", "numpy", "mlflow")]
 
-        def log() -> None:
+        def log() -> str:
             # mlflow.pytorch.log_model reads the store and experiment from MLflow's process-wide settings
             mlflow.set_tracking_uri(self.tracker.uri)
             mlflow.set_experiment(experiment_id=self.tracker.experiment_id)
@@ -424,13 +431,31 @@ class Run:
             # code travels with the model (code_paths), so it loads wherever torch and mlflow are installed. MLflow
             # warns, rightly, that a pickle runs code when loaded: this one is the run's own model.
             logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
-            mlflow.pytorch.log_model(
+            return mlflow.pytorch.log_model(
                 model, name=MODEL_NAME, run_id=self.id, signature=signature, input_example=example,
                 pip_requirements=requirements, code_paths=[str(Path(__file__).parent)],
-                serialization_format="pickle",
-            )  # fmt: skip
+                serialization_format="pickle", params={k: str(v) for k, v in params.items()},
+            ).model_id  # fmt: skip
 
-        self.tracker.attempt("the MLflow model", log)
+        return self.tracker.attempt("the MLflow model", log)
+
+    def log_model_metrics(
+        self, model_id: str | None, step: int, values: Mapping[str, float], dataset: str, digest: str
+    ) -> None:
+        """Metrics of the run linked to its logged model and to the dataset they were measured on, as MLflow 3's
+        Models view and `mlflow.search_logged_models` read them (plain run metrics when no model was logged)."""
+        if model_id is None:
+            self.log_metrics(step, values)
+            return
+        client, stamp = self.tracker.client, _now_ms()
+        for key, value in values.items():
+            self.tracker.attempt(
+                f"the metric {key}",
+                lambda key=key, value=value: client.log_metric(
+                    self.id, key, float(value), stamp, step, dataset_name=dataset, dataset_digest=digest,
+                    model_id=model_id,
+                ),
+            )  # fmt: skip
 
     def finish(self, status: str = "FINISHED") -> None:
         end = self.end_ms
