@@ -116,7 +116,9 @@ def test_budget_scales_the_lowest_loss_lr_by_a_power_of_the_training_length_and_
         s = dataclasses.replace(at_reference, train_steps=picks.BUDGET_REFERENCE_STEPS * factor)
         assert picks.budget(s) == pytest.approx(0.01 * factor**picks.BUDGET_POWER)
         assert (picks.budget(s) > 0.01) == (factor > 1), "a longer training, a higher LRMAX"
-    long = picks.Sweep(LR, bowl, bowl, bowl, bowl, num_iter=41, train_steps=41 * 10_000_000)
+    # a training long enough for 10x the sweep's last LR, whatever the fitted constants
+    steps = round(picks.BUDGET_REFERENCE_STEPS * (10 * LR[-1] / 0.01) ** (1 / picks.BUDGET_POWER))
+    long = picks.Sweep(LR, bowl, bowl, bowl, bowl, num_iter=41, train_steps=steps)
     assert picks.budget(long) == LR[-1]  # never past the LRs the sweep tried
     assert picks.budget(picks.Sweep(LR, bowl, bowl, bowl, bowl, num_iter=41)) is None  # the length unknown
 
