@@ -10,7 +10,7 @@ would train it, so that the default is judged on what it trains to, not on the g
 runs in a process of its own with one thread (`--workers` at once: on a shared 2-core CPU two one-thread
 processes lose less to a busy core than one two-thread process), and writes one JSON under --out/<setting>/.
 A rerun skips what is there, so a killed benchmark keeps every finished job; what is planned next depends on
-what has finished (a grid grows past an edge that holds its best mean, close leaders get a third seed).
+what has finished (a grid grows past an edge that holds its best mean, a noisy best point gets more seeds).
 
 research/lr_report.py turns those files into the tables and plots of docs/lr-finder.md, and fits the default
 rule's constants on them (it imports this module; this one never imports it).

@@ -15,7 +15,6 @@ import argparse
 from pathlib import Path
 
 import mlflow
-from mlflow.tracking import MlflowClient
 
 from onecycle.errors import UserError, stage_main
 from onecycle.tracking import Tracker, file_sha256
@@ -58,16 +57,12 @@ def main() -> None:
             raise UserError(f"no training run at {tracker.uri} produced {args.model}; name one with RUN=<run id>")
         run_id = run.id
     try:
-        if model_id is None:
-            logged = [m.model_id for m in MlflowClient(tracker.uri).get_run(run_id).outputs.model_outputs]
-            if not logged:
-                raise UserError(f"run {run_id} logged no MLflow model (its training did not finish?)")
-            model_id = logged[-1]
-        version = mlflow.register_model(f"models:/{model_id}", args.name)
-    except UserError:
-        raise
+        logged = [model_id] if model_id else [m.model_id for m in tracker.client.get_run(run_id).outputs.model_outputs]
+        version = mlflow.register_model(f"models:/{logged[-1]}", args.name) if logged else None
     except Exception as exc:  # no such run, or a store that refuses
         raise UserError(f"cannot register the model of run {run_id}: {' '.join(str(exc).split())[:300]}") from None
+    if version is None:
+        raise UserError(f"run {run_id} logged no MLflow model (its training did not finish?)")
     print(f"registered {args.name} version {version.version} (run {run_id}): models:/{args.name}/{version.version}")
 
 

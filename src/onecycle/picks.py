@@ -105,7 +105,7 @@ def acc_drop(s: Sweep) -> float | None:
 # grows with the length of the training the range serves, in optimizer steps, as (steps / reference) ** power.
 # A long run can afford a peak above the LR where the sweep's fresh network stopped improving (it has the steps to
 # settle after it); a short one wants less. Neither the warm-up's length nor the sweep's own fitted as well. The
-# two lines between the marks are written by `python -m research.lr_bench fit` from the committed results
+# two lines between the marks are written by `python -m research.lr_report fit` from the committed results
 # (a test checks that they are what it gives); never by hand.
 # fit:begin
 BUDGET_REFERENCE_STEPS = 3243.2  # the training length at which LRMAX is the lowest loss's LR itself
