@@ -4,8 +4,9 @@ Two quick runs of the real pipeline (`dvc exp run`, tiny model, a few epochs) in
 then the real `mlflow ui` on 127.0.0.1 against its mlflow.db, then headless Chromium (Debian's `chromium`,
 driven by playwright) on the pages the README sends a user to. It saves one screenshot per page and fails,
 naming what it missed, when the runs view does not list the training runs with their metrics and datasets,
-shows a range-test run, when a run's page lacks its datasets or logged model, or when the charts hold a
-range-test curve.
+shows a range-test run, when a run's page lacks its datasets or logged model, when the Models tab does not list
+each run's model under a name of its own, when a model's page lacks its test_acc and test dataset, or when the
+charts hold a range-test curve.
 
     python -m scripts.browser_check --out docs/screenshots                 # params.yaml's data.url (internet)
     python -m scripts.browser_check --archive /path/cifar-10-binary.tar.gz --out /tmp/shots  # a local copy
@@ -34,7 +35,7 @@ from mlflow.tracking import MlflowClient
 
 from onecycle.errors import UserError
 from onecycle.mlflow_ui import VIEW_KEY
-from onecycle.tracking import EXPERIMENT, MODEL_NAME, RANGE_EXPERIMENT
+from onecycle.tracking import EXPERIMENT, MODEL_PREFIX, RANGE_EXPERIMENT
 from scripts.experiments import tool_main
 from scripts.pipeline_repo import ROOT, pipeline_repo
 
@@ -68,6 +69,9 @@ class Seen:
     runs_view: str = ""  # the runs view's visible text
     charts_view: str = ""
     run_view: str = ""  # one training run's page
+    models_view: str = ""  # the experiment's Models tab
+    model_view: str = ""  # one logged model's page
+    model_names: list[str] = field(default_factory=list)  # the training runs' logged models, in the store
     run_names: list[str] = field(default_factory=list)  # the training runs' names in the store
     range_names: list[str] = field(default_factory=list)  # the range-test runs' names in the store
     screenshots: list[str] = field(default_factory=list)
@@ -140,6 +144,8 @@ def check(repo: Path, out: Path) -> Seen:
     runs = client.search_runs([training.experiment_id], order_by=["attributes.start_time ASC"])
     seen.run_names = [r.info.run_name for r in runs]
     seen.range_names = [r.info.run_name for r in client.search_runs([ranges.experiment_id])]
+    models = client.search_logged_models([training.experiment_id], order_by=[{"field_name": "creation_timestamp"}])
+    seen.model_names = [m.name for m in models]
     out.mkdir(parents=True, exist_ok=True)
 
     with mlflow_ui(repo) as url, sync_playwright() as pw:
@@ -190,6 +196,21 @@ def check(repo: Path, out: Path) -> Seen:
         shot("run-metrics.png")
         page.set_viewport_size(VIEWPORT)
 
+        # MLflow 3's Models tab (wide: its linked metrics follow the attributes, test_acc first, under the test
+        # dataset's name), and the last model's page: its test_acc and the test data it was measured on
+        page.set_viewport_size(WIDE)
+        page.goto(f"{experiment}/models?workflowType=machine_learning")
+        page.get_by_text(seen.model_names[-1]).first.wait_for(timeout=60_000)
+        page.get_by_text("test_acc").first.wait_for(timeout=60_000)
+        shot("models.png")
+        seen.models_view = page.inner_text("body")
+        page.set_viewport_size(VIEWPORT)
+        page.goto(f"{experiment}/models/{models[-1].model_id}?workflowType=machine_learning")
+        page.get_by_text("test_acc").first.wait_for(timeout=60_000)
+        page.get_by_text("cifar10-test").first.wait_for(timeout=60_000)
+        shot("model.png")
+        seen.model_view = page.inner_text("body")
+
         ids = json.dumps([r.info.run_id for r in runs])
         experiments = json.dumps([training.experiment_id])
         page.set_viewport_size(TALL)
@@ -210,8 +231,19 @@ def check(repo: Path, out: Path) -> Seen:
     if "cifar10-train" not in seen.runs_view:
         seen.problems.append("the runs view's Datasets column does not list cifar10-train")
     # its datasets (the first by name, "+1" for the other; -first-N ends a limited split's name) and its model
-    if "cifar10-train" not in seen.run_view or MODEL_NAME not in seen.run_view.split():
-        seen.problems.append(f"the run's page does not show its dataset cifar10-train or its model {MODEL_NAME!r}")
+    if "cifar10-train" not in seen.run_view or seen.model_names[-1] not in seen.run_view:
+        seen.problems.append(
+            f"the run's page does not show its dataset cifar10-train or its model {seen.model_names[-1]}"
+        )
+    if len(set(seen.model_names)) != len(seen.run_names) or not all(
+        n.startswith(MODEL_PREFIX) for n in seen.model_names
+    ):
+        seen.problems.append(f"the runs' logged models do not have names of their own: {seen.model_names}")
+    for name in seen.model_names:
+        if name not in seen.models_view:
+            seen.problems.append(f"the Models tab does not list the model {name!r}")
+    if "test_acc" not in seen.model_view or "cifar10-test" not in seen.model_view:
+        seen.problems.append("the model's page does not show its test_acc or the dataset cifar10-test")
     for metric in CHART_METRICS:
         if metric not in seen.charts_view:
             seen.problems.append(f"the chart view has no {metric} chart")

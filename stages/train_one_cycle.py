@@ -18,7 +18,7 @@ from onecycle import data, distributed, estimate, lr_finder, outputs, training
 from onecycle.config import Params, flatten, load_params
 from onecycle.errors import stage_main
 from onecycle.model import Classifier, build_model
-from onecycle.tracking import RANGE_EXPERIMENT, Tracker, dataset_name, file_sha256, git_commit
+from onecycle.tracking import RANGE_EXPERIMENT, Tracker, dataset_name, file_sha256, git_commit, model_name
 
 RUN_KEY = "mlflow_run_id"  # the checkpoint's record of the MLflow run its epochs were logged to
 MODEL_METRICS = ("test_acc", "test_loss")  # the last epoch's, logged once, linked to the model and test data
@@ -144,7 +144,8 @@ def train(args: argparse.Namespace, params: Params, group: distributed.Group, de
         model_params = {k: v for k, v in flatten(params).items() if k in MODEL_PARAMS}
         model_params |= {"lr_min": lr_min, "lr_max": lr_max, "git_commit": git_commit()}
         classifier = Classifier(net, dataset.mean, dataset.std).eval()
-        model_id = run.log_model(classifier, dataset.test.images[:2], model_params)
+        name = model_name(params.model.width, run.label)
+        model_id = run.log_model(classifier, name, dataset.test.images[:2], model_params)
         # the final test figures, linked to the model and to the test data they were measured on
         linked = {k: metrics[k] for k in (*MODEL_METRICS, "best_test_acc")}
         test = dataset_name("test", params.data.test_limit)
@@ -153,6 +154,8 @@ def train(args: argparse.Namespace, params: Params, group: distributed.Group, de
     tracker.print_where()
     if not tracker.lost:
         print(f"MLflow run: {run.url}")
+        if model_id:
+            print(f"MLflow model: {name}, models:/{model_id} (mlflow.pytorch.load_model takes either URI)")
     print(
         f"test accuracy {metrics['test_acc']:.2f}% after {len(history)} epochs (best {metrics['best_test_acc']:.2f}%)"
     )

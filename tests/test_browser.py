@@ -29,5 +29,8 @@ def test_the_runs_view_lists_the_training_runs_with_their_metrics_and_no_range_t
     assert all(metric in seen.charts_view.split() for metric in browser_check.CHART_METRICS)
     assert "range/lr" not in seen.charts_view
     shots = sorted(p.name for p in (tmp_path / "shots").iterdir())
-    assert shots == ["charts.png", "compare.png", "run-metrics.png", "run.png", "runs.png"]
+    # MLflow 3's Models tab lists each run's model under a name of its own; the model's page shows its test_acc
+    assert len(set(seen.model_names)) == len(seen.run_names) and all(n in seen.models_view for n in seen.model_names)
+    assert "test_acc" in seen.model_view and "cifar10-test" in seen.model_view
+    assert shots == ["charts.png", "compare.png", "model.png", "models.png", "run-metrics.png", "run.png", "runs.png"]
     assert all((tmp_path / "shots" / s).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for s in shots)

@@ -177,17 +177,22 @@ def test_the_logged_model_carries_its_accuracy_on_the_test_data_and_its_params(r
 
 
 def test_the_logged_model_classifies_as_the_stage_measured_and_registers_in_one_command(repo):
-    """`mlflow.pytorch.load_model("runs:/<id>/model")` gives a network that takes the test images as data/cifar10
-    holds them (uint8 NHWC) and scores the stage's test accuracy; `make register` makes it a registry version."""
+    """`mlflow.pytorch.load_model` on the URI the stage prints (models:/<model id>), or on runs:/<id>/<model name>,
+    gives a network that takes the test images as data/cifar10 holds them (uint8 NHWC) and scores the stage's
+    test accuracy; `make register` makes it a registry version."""
     _, [run] = mlflow_runs(repo, "train_one_cycle")
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    [logged] = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    assert logged.name == f"resnet-w4-{run.info.run_name.split(' · ')[0].replace(' ', '-').replace(':', '-')}"
     images = np.load(repo / "data/cifar10/test_images.npy")
     labels = np.load(repo / "data/cifar10/test_labels.npy")
     metrics = json.loads((repo / "reports/metrics.json").read_text())
-    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    model = mlflow.pytorch.load_model(f"models:/{logged.model_id}")
     with torch.no_grad():
         predicted = model(torch.from_numpy(images)).argmax(1).numpy()
     assert 100 * (predicted == labels).mean() == pytest.approx(metrics["test_acc"])
+    again = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/{logged.name}")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True))
 
     registered = sh(repo, sys.executable, str(ROOT / "scripts" / "register_model.py"))  # what `make register` runs
     assert f"registered cifar10-custom-resnet version 1 (run {run.info.run_id})" in registered.stdout
@@ -426,6 +431,9 @@ def test_experiments_are_new_mlflow_runs_tagged_with_their_names_also_two_at_a_t
     ranked = mlflow.search_logged_models(experiment_ids=experiment, order_by=order, output_format="list")
     accs = [next(m.value for m in model.metrics if m.key == "test_acc") for model in ranked]
     assert len(ranked) >= 3 and accs == sorted(accs, reverse=True)
+    # the Models tab lists them by name: each experiment's model is named after it
+    assert {f"resnet-w4-{name}" for name in names} <= {model.name for model in ranked}
+    assert len({model.name for model in ranked}) == len(ranked)
     best = sh(repo, sys.executable, str(ROOT / "scripts" / "register_model.py"), "--best", "--name", "best-resnet")
     assert f"the best logged model: {ranked[0].model_id} of run {ranked[0].source_run_id}" in best.stdout
     assert "registered best-resnet version 1" in best.stdout

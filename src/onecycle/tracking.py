@@ -17,6 +17,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
 import subprocess
 import time
 import urllib.error
@@ -35,7 +36,7 @@ from onecycle.errors import UserError
 
 EXPERIMENT = "cifar10-one-cycle"  # the training runs, and only them
 RANGE_EXPERIMENT = "cifar10-lr-range-test"  # the LR range test's runs
-MODEL_NAME = "model"  # the logged MLflow model: runs:/<run id>/model
+MODEL_PREFIX = "resnet"  # the logged MLflow model's name: resnet-w<width>-<run label> (model_name)
 
 # Each experiment's runs-table columns in its shared view: the figures a user compares runs by.
 VIEW_COLUMNS = {
@@ -126,6 +127,13 @@ def user() -> str:
 def run_label() -> str:
     """What a run is called first: the DVC experiment's name, else (`dvc repro`, a bare stage) when it started."""
     return os.environ.get("DVC_EXP_NAME") or time.strftime("repro %Y-%m-%d %H:%M:%S")
+
+
+def model_name(width: int, label: str) -> str:
+    """The logged model's name, which tells it from other runs' models in MLflow's Models tab: the width and the
+    run's label (Run.label: the DVC experiment's name, or when the run started), in the letters a runs:/ URI
+    takes: resnet-w16-bally-cess, resnet-w64-repro-2026-12-05-14-03-21."""
+    return f"{MODEL_PREFIX}-w{width}-" + re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-")
 
 
 def system_metrics_on() -> bool:
@@ -256,7 +264,8 @@ class Tracker:
         no).
         """
         exp_name = os.environ.get("DVC_EXP_NAME")
-        name = " · ".join(part for part in (run_label(), detail) if part)
+        label = run_label()
+        name = " · ".join(part for part in (label, detail) if part)
         monitor = system_metrics and system_metrics_on()
         if run_id:
             try:
@@ -264,7 +273,9 @@ class Tracker:
             except Exception:
                 print(f"MLflow run {run_id} of the checkpoint is gone from {self.uri}: starting a new run")
             else:
-                run = Run(self, run_id, stopped_note=stopped_note, system_metrics=monitor, resumed=True)
+                # the label it started under, unless a DVC experiment renames it below
+                label = exp_name or found.info.run_name.split(" · ")[0]
+                run = Run(self, run_id, label, stopped_note=stopped_note, system_metrics=monitor, resumed=True)
                 earlier = found.data.tags.get("dvc.exp_name")
                 if exp_name and earlier != exp_name:  # DVC names the rerun of a killed experiment afresh
                     run.rename(name, exp_name, earlier)
@@ -291,7 +302,7 @@ class Tracker:
             self._call(lambda: self.client.log_batch(created.info.run_id, params=logged, synchronous=True))
         except Exception as exc:
             raise UserError(f"cannot start an MLflow run at {self.uri}: {' '.join(str(exc).split())[:300]}") from None
-        return Run(self, created.info.run_id, stopped_note=stopped_note, system_metrics=monitor)
+        return Run(self, created.info.run_id, label, stopped_note=stopped_note, system_metrics=monitor)
 
     def run_of_model(self, model_sha256: str) -> Run | None:
         """The newest training run that produced the model with this hash (already ended: add to it, no `with`)."""
@@ -308,7 +319,7 @@ class Tracker:
 
     def run(self, run_id: str) -> Run:
         """An existing run, to add to (tags, artifacts) without ending it."""
-        return Run(self, run_id)
+        return Run(self, run_id, "")
 
 
 class Run:
@@ -320,12 +331,13 @@ class Run:
         self,
         tracker: Tracker,
         run_id: str,
+        label: str,
         *,
         stopped_note: Callable[[str], str] | None = None,
         system_metrics: bool = False,
         resumed: bool = False,
     ) -> None:
-        self.tracker, self.id, self.resumed = tracker, run_id, resumed
+        self.tracker, self.id, self.label, self.resumed = tracker, run_id, label, resumed
         self.stopped_note = stopped_note
         self.end_ms: int | None = None  # when the run's work ended, if before it is closed (ms since the epoch)
         self._system_metrics = system_metrics
@@ -410,11 +422,13 @@ class Run:
             inputs.append(DatasetInput(dataset, [InputTag("mlflow.data.context", context)]))
         self.tracker.attempt("the datasets", lambda: self.tracker.client.log_inputs(self.id, datasets=inputs))
 
-    def log_model(self, model: torch.nn.Module, example: np.ndarray, params: Mapping[str, Any]) -> str | None:
-        """`model` as the run's MLflow model (runs:/<run id>/model): `mlflow.pytorch.load_model` gives it back,
-        `mlflow models predict` serves it. `example`: a few inputs, for its signature and input example;
-        `params`: the model's own params in MLflow's Models view. Returns its model id (None if the store
-        did not take it)."""
+    def log_model(
+        self, model: torch.nn.Module, name: str, example: np.ndarray, params: Mapping[str, Any]
+    ) -> str | None:
+        """`model` as the run's MLflow model `name` (models:/<model id>, or runs:/<run id>/<name>):
+        `mlflow.pytorch.load_model` gives it back, `mlflow models predict` serves it. `example`: a few inputs, for
+        its signature and input example; `params`: the model's own params in MLflow's Models view. Returns its
+        model id (None if the store did not take it)."""
         import mlflow
         import mlflow.pytorch
         from mlflow.models import infer_signature
@@ -432,7 +446,7 @@ class Run:
             # warns, rightly, that a pickle runs code when loaded: this one is the run's own model.
             logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
             return mlflow.pytorch.log_model(
-                model, name=MODEL_NAME, run_id=self.id, signature=signature, input_example=example,
+                model, name=name, run_id=self.id, signature=signature, input_example=example,
                 pip_requirements=requirements, code_paths=[str(Path(__file__).parent)],
                 serialization_format="pickle", params={k: str(v) for k, v in params.items()},
             ).model_id  # fmt: skip
