@@ -347,6 +347,7 @@ def run(args: argparse.Namespace) -> None:
             and f"{j.setting}/{j.name}" not in running
             and not (out / j.setting / f"{j.name}.failed").exists()  # look at its log; delete the file to retry
             and not alive(out / j.setting / f"{j.name}.running")  # a child a killed scheduler left running
+            and (not args.kinds or j.kind in args.kinds)
         ]
         while waiting and len(running) < args.workers:
             job = waiting.pop(0)
@@ -400,6 +401,7 @@ def main() -> None:
     go.add_argument("--config", type=Path, default=CONFIG)
     go.add_argument("--cache", type=Path, default=Path("/tmp/lr_bench"), help="decoded data, job payloads, logs")
     go.add_argument("--workers", type=int, default=2)
+    go.add_argument("--kinds", nargs="+", choices=("sweep", "train", "found"), help="only the jobs of these kinds")
     sub.add_parser("child", help=argparse.SUPPRESS).add_argument("payload", type=Path)
     args = parser.parse_args()
     if args.command == "child":
