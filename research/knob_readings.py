@@ -3,12 +3,14 @@
     python -m research.knob_readings [--out docs/results/lr_knobs] [--config research/lr_knobs.yaml]
 
 The sweeps come from `python -m research.lr_bench run --config research/lr_knobs.yaml --out docs/results/lr_knobs
---kinds sweep`: in each setting and for each seed, the plain sweep and one sweep per knob variant (num_iter x2 and
-x0.5, start_lr 1e-5, end_lr 10) and per float-rounding variant (`avx2`: other kernels, the same sweep), all on one
-machine. A reading's factor for one seed is its value on the variant's sweep over its value on the plain sweep of
-the same seed. One seed mixes the knob's effect with the sweep's own noise (float rounding alone moves some
-readings by 1.3x), so the table gives the geometric mean over the seeds, which is the knob's effect, and the
-range of the seeds' factors, which is mostly noise. A candidate for the anchor of a pick moves by less than a
+--kinds sweep fine`: in each setting and for each seed, the plain sweep and one sweep per knob variant (num_iter x2
+and x0.5, start_lr 1e-5, end_lr 10) and per float-rounding variant (`avx2`: other kernels, the same sweep), all on
+one machine; and after each, the fine sweep (research/lr_bench.py FINE_*): a second sweep of a fresh model, its
+design fixed by the project, around the first sweep's lowest loss. The readings are read off both. A reading's
+factor for one seed is its value on the variant's sweep over its value on the plain sweep of the same seed. One
+seed mixes the knob's effect with the sweep's own noise (float rounding alone moves some readings by 1.3x), so
+the table gives the geometric mean over the seeds, which is the knob's effect, and the range of the seeds'
+factors, which is mostly noise. A candidate for the anchor of a pick moves by less than a
 factor 1.2 under every knob (issue 25): judged on the geometric means.
 
 The readings (each an LR read off the raw loss against log LR):
@@ -89,15 +91,16 @@ READINGS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
 }
 
 
-def factors(out: Path, config: Path) -> dict[tuple[str, str], list[tuple[int, dict[str, float]]]]:
-    """(setting, variant) -> per seed, each reading's factor (variant's reading over the plain sweep's)."""
+def factors(out: Path, config: Path, kind: str) -> dict[tuple[str, str], list[tuple[int, dict[str, float]]]]:
+    """(setting, variant) -> per seed, each reading's factor (the variant's reading over the plain one's), on the
+    sweeps of `kind`: "sweep" (the user's sweep, its knobs changed) or "fine" (the fine sweep around it)."""
     table: dict[tuple[str, str], list[tuple[int, dict[str, float]]]] = {}
     variants = [v.name for v in read_bench(config).variants]
     for setting, done in load_results(out).items():
         for _, result in sorted(done.items()):
-            if result["kind"] != "sweep" or not result.get("variant"):
+            if result["kind"] != kind or not result.get("variant"):
                 continue
-            plain = done.get(f"sweep-s{result['seed']}")
+            plain = done.get(f"{kind}-s{result['seed']}")
             if plain is None:
                 continue
             curves = [(np.asarray(r["curve"]["lr"]), np.asarray(r["curve"]["loss"])) for r in (result, plain)]
@@ -149,7 +152,10 @@ def main() -> None:
     bench = read_bench(args.config)
     # the variants that change no lr_finder key change float rounding alone
     rounding = {v.name for v in bench.variants if not any(k.startswith("lr_finder.") for k in v.overrides | v.times)}
-    print(report(factors(args.out, args.config), rounding))
+    print("The user's sweep, its knobs changed:\n")
+    print(report(factors(args.out, args.config, "sweep"), rounding))
+    print("\nThe fine sweep around it (research/lr_bench.py FINE_*):\n")
+    print(report(factors(args.out, args.config, "fine"), rounding))
 
 
 if __name__ == "__main__":

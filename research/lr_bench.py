@@ -40,6 +40,11 @@ CONFIG = Path(__file__).with_name("lr_bench.yaml")
 NOISY = 0.5  # points of test accuracy: a best grid point whose seeds' standard error is this or more gets seeds
 MAX_SEEDS = 4  # seeds of a setting, at most (then the page says how noisy it stayed)
 MAX_GROWTH = 3  # grid points added past each edge, at most
+# The fine sweep (issue 25: a pick that the sweep's own knobs do not move): a second sweep of a fresh model with the
+# same seed, whose design is fixed here, not by lr_finder.*: FINE_STEPS steps, exponential, from the first sweep's
+# lowest-loss LR (picks.lowest_loss_lr) / FINE_BELOW to that LR x FINE_ABOVE, smoothed and stopped as the defaults
+# do. The knobs of the first sweep reach it only through where its window lies.
+FINE_BELOW, FINE_ABOVE, FINE_STEPS = 100.0, 10.0, 48
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,8 @@ class Variant:
 @dataclass(frozen=True)
 class Job:
     setting: str
-    kind: str  # "sweep" (a range test), "train" (a grid point's LRMAX) or "found" (the pick on that seed's sweep)
+    kind: str  # "sweep" (a range test), "fine" (the fine sweep around a sweep's lowest loss), "train" (a grid
+    # point's LRMAX) or "found" (the pick on that seed's sweep)
     seed: int
     lr_max: float | None = None
     variant: str = ""  # a sweep under other float kernels (Variant.name)
@@ -85,8 +91,8 @@ class Job:
 
     @property
     def name(self) -> str:
-        if self.kind == "sweep":
-            return f"sweep-s{self.seed}" + (f"-{self.variant}" if self.variant else "")
+        if self.kind in ("sweep", "fine"):
+            return f"{self.kind}-s{self.seed}" + (f"-{self.variant}" if self.variant else "")
         if self.kind == "found":  # its LRMAX in the name: the same sweep picked under other constants is another job
             return f"found-{self.rule}-{self.lr_max:.6g}-s{self.seed}"
         return f"train-{self.lr_max:.6g}-s{self.seed}"
@@ -98,6 +104,7 @@ class Bench:
     seeds: tuple[int, ...]
     settings: tuple[Setting, ...]
     variants: tuple[Variant, ...]
+    fine: str = ""  # fine sweeps (FINE_*) after: "plain" the plain sweeps, "all" every sweep, "" none
 
     def setting(self, name: str) -> Setting:
         return next(s for s in self.settings if s.name == name)
@@ -121,7 +128,7 @@ def read_bench(path: Path = CONFIG) -> Bench:
         )
         for v in raw.get("variants") or ()
     )
-    return Bench(raw.get("set") or {}, tuple(raw["seeds"]), settings, variants)
+    return Bench(raw.get("set") or {}, tuple(raw["seeds"]), settings, variants, raw.get("fine") or "")
 
 
 def setting_params(
@@ -143,6 +150,20 @@ def training_steps(params: Params) -> int:
 
     images = params.data.train_limit or 50_000  # CIFAR-10's training set when not limited
     return params.train.epochs * schedules.steps_per_epoch(images, params.train.batch_size)
+
+
+def fine_finder(finder: LRFinderParams, sweep: dict) -> LRFinderParams:
+    """The fine sweep's design around the lowest loss of `sweep` (a finished sweep job's result, swept with
+    `finder`): the window FINE_BELOW below to FINE_ABOVE above that LR, FINE_STEPS steps, the default smoothing and
+    stop."""
+    from onecycle import picks
+
+    anchor = picks.lowest_loss_lr(sweep_from(sweep["curve"], finder, 0))
+    defaults = LRFinderParams()
+    return dataclasses.replace(
+        finder, start_lr=anchor / FINE_BELOW, end_lr=anchor * FINE_ABOVE, num_iter=FINE_STEPS, step_mode="exp",
+        smooth_beta=defaults.smooth_beta, diverge_factor=defaults.diverge_factor,
+    )  # fmt: skip
 
 
 def sweep_from(curve: dict, finder: LRFinderParams, train_steps: int):
@@ -252,6 +273,11 @@ def plan(bench: Bench, results: dict[str, dict[str, dict]]) -> list[Job]:
         jobs += found_jobs(bench, s, done, swept)
     for seed in bench.seeds[1:]:
         jobs += [Job(name, "sweep", seed, variant=v.name) for v in bench.variants for name in v.settings]
+    if bench.fine:  # a fine sweep after each finished sweep (plain ones only, or all)
+        for s in bench.settings:
+            for r in results.get(s.name, {}).values():
+                if r["kind"] == "sweep" and (bench.fine == "all" or not r.get("variant")):
+                    jobs.append(Job(s.name, "fine", r["seed"], variant=r.get("variant", "")))
     return jobs
 
 
@@ -280,13 +306,16 @@ def run_job(payload: dict) -> dict:
     device = torch.device("cpu")
     start = time.perf_counter()
     result: dict[str, Any] = {"device": device_name(device), "threads": payload["threads"], "torch": torch.__version__}
-    if payload["kind"] == "sweep":
+    if payload["kind"] in ("sweep", "fine"):
+        if payload["kind"] == "fine":
+            params = dataclasses.replace(params, lr_finder=fine_finder(params.lr_finder, payload["base"]))
         curve, found = lr_finder.find_range(params, dataset, device, progress=False)
         result |= {
             "curve": {"lr": curve.lr, "loss": curve.loss, "accuracy": curve.accuracy},
             "stop_reason": curve.stop_reason,
             "images_seen": curve.images_seen,
             "found": found.as_dict(curve, len(dataset.train.labels)),
+            "lr_finder": dataclasses.asdict(params.lr_finder),  # the fine sweep's design, as it ran
         }
     else:
         lr_max = payload["lr_max"]
@@ -360,7 +389,9 @@ def run(args: argparse.Namespace) -> None:
             payload_path = cache / f"{job.setting}-{job.name}.payload.json"
             record = dataclasses.asdict(job) | {"overrides": setting.overrides, "commit": commit, "env": variant.env}
             record |= {"variant_overrides": variant.applied(plain), "compare": variant.compare}
+            base = results[job.setting].get(f"sweep-s{job.seed}" + (f"-{job.variant}" if job.variant else ""))
             payload = {
+                "base": base if job.kind == "fine" else None,  # the sweep whose lowest loss centres the fine one
                 "params": raw,
                 "data": str(data_folder(params, cache)),
                 "kind": job.kind,
@@ -401,7 +432,7 @@ def main() -> None:
     go.add_argument("--config", type=Path, default=CONFIG)
     go.add_argument("--cache", type=Path, default=Path("/tmp/lr_bench"), help="decoded data, job payloads, logs")
     go.add_argument("--workers", type=int, default=2)
-    go.add_argument("--kinds", nargs="+", choices=("sweep", "train", "found"), help="only the jobs of these kinds")
+    go.add_argument("--kinds", nargs="+", choices=("sweep", "fine", "train", "found"), help="only these jobs' kinds")
     sub.add_parser("child", help=argparse.SUPPRESS).add_argument("payload", type=Path)
     args = parser.parse_args()
     if args.command == "child":

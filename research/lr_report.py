@@ -48,6 +48,7 @@ class Setting:
     # rule -> sweep ("s0", ...) -> LRMAX -> test accuracy: ranges that rule found on that sweep, trained
     trained: dict[str, dict[str, dict[float, float]]] = field(default_factory=dict)
     by_seed: dict[str, dict[float, float]] = field(default_factory=dict)  # "s0" -> LRMAX -> that seed's accuracy
+    fine: dict[str, picks.Sweep] = field(default_factory=dict)  # "s0" -> the fine sweep around that seed's sweep
 
     def means(self) -> dict[float, float]:
         return {lr: statistics.fmean(accs) for lr, accs in sorted(self.grid.items())}
@@ -92,6 +93,11 @@ def bench_settings(out: Path, config: Path) -> list[Setting]:
             if r["kind"] == "sweep"
         }
         grid = grid_means(done)
+        fine = {  # the fine sweeps around the plain sweeps (lr_bench.FINE_*), swept with their own design
+            name.removeprefix("fine-"): sweep_from(r["curve"], LRFinderParams(**r["lr_finder"]), steps)
+            for name, r in done.items()
+            if r["kind"] == "fine" and not r.get("variant")
+        }
         train = params.train
         features = {"training steps": steps, "warm-up steps": steps // train.epochs * train.peak_epoch}
         features |= {"training images": images, "epochs": train.epochs}
@@ -103,7 +109,7 @@ def bench_settings(out: Path, config: Path) -> list[Setting]:
             elif r["kind"] == "train":
                 by_seed.setdefault(f"s{r['seed']}", {})[r["lr_max"]] = r["test_acc"]
         if grid and sweeps:
-            found.append(Setting(s.name, grid, sweeps, features=features, trained=trained, by_seed=by_seed))
+            found.append(Setting(s.name, grid, sweeps, features=features, trained=trained, by_seed=by_seed, fine=fine))
     return found
 
 
@@ -352,6 +358,64 @@ def leave_one_out(settings: list[Setting], summaries: dict[str, dict]) -> str:
     )
 
 
+def anchor_loo(group: list[Setting], anchors, feature: str | None) -> list[tuple[Setting, float, float, float]]:
+    """Leave one setting out for the rule LRMAX = anchor x C (x (feature / reference) ** power when `feature`):
+    the constants fitted by least squares in logs on the other settings, read on this one's sweeps. `anchors(s)`
+    gives the anchor LR of each of s's sweeps. Returns (setting, geometric mean pick, accuracy read, shortfall)."""
+    rows = []
+    for s in group:
+        x, y = [], []
+        for o in group:
+            if o is not s:
+                for a in anchors(o):
+                    x.append(math.log(o.features[feature]) if feature else 0.0)
+                    y.append(math.log(o.best()[0] / a))
+        slope, intercept = np.polyfit(x, y, 1) if feature else (0.0, statistics.fmean(y))
+        scale = math.exp(intercept + slope * (math.log(s.features[feature]) if feature else 0.0))
+        lrs = [a * scale for a in anchors(s)]
+        acc = statistics.fmean(s.accuracy_at(lr)[0] for lr in lrs)
+        rows.append((s, statistics.geometric_mean(lrs), acc, s.best()[1] - acc))
+    return rows
+
+
+def fine_table(settings: list[Setting]) -> str:
+    """The fine sweep's lowest loss as the anchor, judged leave-one-out on the settings that have fine sweeps,
+    beside budget's anchor (the user's sweep) on the same settings, each with a constant alone and with the
+    training steps."""
+    group = [s for s in fitted(settings) if s.fine]
+    if len(group) < 3:
+        return f"No fine sweeps yet in 3 settings with complete grids ({len(group)})."
+    rules = {
+        "fine sweep's lowest loss x C": (lambda s: [picks.lowest_loss_lr(w) for w in s.fine.values()], None),
+        "fine sweep's lowest loss x (steps / ref) ** p": (
+            lambda s: [picks.lowest_loss_lr(w) for w in s.fine.values()],
+            "training steps",
+        ),
+        "budget's anchor (the user's sweep) x C": (lambda s: [picks.lowest_loss_lr(w) for w in base_sweeps(s)], None),
+        "budget (the user's sweep) x (steps / ref) ** p": (
+            lambda s: [picks.lowest_loss_lr(w) for w in base_sweeps(s)],
+            "training steps",
+        ),
+    }
+    head = "| setting | best LRMAX | best mean | noise | " + " | ".join(rules) + " |"
+    lines = [head, "|---" * (len(rules) + 4) + "|"]
+    results = {name: anchor_loo(group, anchors, feature) for name, (anchors, feature) in rules.items()}
+    for i, s in enumerate(group):
+        best_lr, best, noise = s.best()
+        cells = []
+        for rows in results.values():
+            _, lr, _, short = rows[i]
+            cells.append(f"{lr:.3g}: {short:.2f} short" + (" **within**" if short <= noise else ""))
+        lines.append(f"| {s.name} | {best_lr:.3g} | {best:.2f} | {noise:.2f} | " + " | ".join(cells) + " |")
+    summary = []
+    for rows in results.values():
+        shorts = [short for _, _, _, short in rows]
+        within = sum(short <= s.best()[2] for s, _, _, short in rows)
+        summary.append(f"{within}/{len(rows)}, worst {max(shorts):.2f}, median {statistics.median(shorts):.2f}")
+    lines.append("| **within noise, out of sample** | | | | " + " | ".join(summary) + " |")
+    return "\n".join(lines)
+
+
 def features_table(settings: list[Setting]) -> str:
     """The leave-one-out shortfall with another feature of the setting in place of the training steps."""
     group = fitted(settings)
@@ -445,6 +509,7 @@ def report(args) -> dict:
         "found": found_table(summaries, DEFAULT),
         "loo": leave_one_out(settings, summaries),
         "features": features_table(settings),
+        "fine": fine_table(settings),
         "knobs": variant_table(summaries, compare, shown, knobs),
         "pictures": pictures(list(summaries)),
         "rounding": variant_table(summaries, compare, shown, set(compare) - knobs),
