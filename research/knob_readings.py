@@ -1,11 +1,11 @@
 """How far the sweep's own knobs move a reading of the curve, apart from the noise of one sweep.
 
-    python -m research.knob_readings [--out docs/results/lr_knobs] [--config research/lr_knobs.yaml]
+    python -m research.knob_readings [--out docs/results/lr_knobs] [--config research/lr_knobs.yaml] [--page PAGE]
 
 The sweeps come from `python -m research.lr_bench run --config research/lr_knobs.yaml --out docs/results/lr_knobs
 --kinds sweep fine`: in each setting and for each seed, the plain sweep and one sweep per knob variant (num_iter x2
 and x0.5, start_lr 1e-5, end_lr 10) and per float-rounding variant (`avx2`: other kernels, the same sweep), all on
-one machine; and after each, the fine sweep (research/lr_bench.py FINE_*): a second sweep of a fresh model, its
+one machine; and after each, the fine sweep (onecycle.lr_finder.FINE_*): a second sweep of a fresh model, its
 design fixed by the project, around the first sweep's lowest loss. The readings are read off both. A reading's
 factor for one seed is its value on the variant's sweep over its value on the plain sweep of the same seed. One
 seed mixes the knob's effect with the sweep's own noise (float rounding alone moves some readings by 1.3x), so
@@ -36,6 +36,7 @@ import numpy as np
 
 from onecycle import picks
 from research.lr_bench import ROOT, load_results, read_bench
+from research.lr_report import refresh_page
 
 DECADES = 0.2  # the lag-free smoothing's width over log10(LR)
 
@@ -148,14 +149,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs/results/lr_knobs")
     parser.add_argument("--config", type=Path, default=ROOT / "research/lr_knobs.yaml")
+    parser.add_argument("--page", type=Path, help="also refresh its knob_study tables (docs/lr-finder.md)")
     args = parser.parse_args()
     bench = read_bench(args.config)
     # the variants that change no lr_finder key change float rounding alone
     rounding = {v.name for v in bench.variants if not any(k.startswith("lr_finder.") for k in v.overrides | v.times)}
-    print("The user's sweep, its knobs changed:\n")
-    print(report(factors(args.out, args.config, "sweep"), rounding))
-    print("\nThe fine sweep around it (research/lr_bench.py FINE_*):\n")
-    print(report(factors(args.out, args.config, "fine"), rounding))
+    sections = {f"knobs_{kind}": report(factors(args.out, args.config, kind), rounding) for kind in ("sweep", "fine")}
+    print("\n\n".join(sections.values()))
+    if args.page:
+        refresh_page(args.page, sections)
 
 
 if __name__ == "__main__":

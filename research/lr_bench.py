@@ -40,11 +40,6 @@ CONFIG = Path(__file__).with_name("lr_bench.yaml")
 NOISY = 0.5  # points of test accuracy: a best grid point whose seeds' standard error is this or more gets seeds
 MAX_SEEDS = 4  # seeds of a setting, at most (then the page says how noisy it stayed)
 MAX_GROWTH = 3  # grid points added past each edge, at most
-# The fine sweep (issue 25: a pick that the sweep's own knobs do not move): a second sweep of a fresh model with the
-# same seed, whose design is fixed here, not by lr_finder.*: FINE_STEPS steps, exponential, from the first sweep's
-# lowest-loss LR (picks.lowest_loss_lr) / FINE_BELOW to that LR x FINE_ABOVE, smoothed and stopped as the defaults
-# do. The knobs of the first sweep reach it only through where its window lies.
-FINE_BELOW, FINE_ABOVE, FINE_STEPS = 100.0, 10.0, 48
 
 
 @dataclass(frozen=True)
@@ -82,8 +77,8 @@ class Variant:
 @dataclass(frozen=True)
 class Job:
     setting: str
-    kind: str  # "sweep" (a range test), "fine" (the fine sweep around a sweep's lowest loss), "train" (a grid
-    # point's LRMAX) or "found" (the pick on that seed's sweep)
+    kind: str  # "sweep" (a range test), "fine" (lr_finder's fine sweep around a sweep's lowest loss), "train" (a
+    # grid point's LRMAX) or "found" (the pick on that seed's sweep)
     seed: int
     lr_max: float | None = None
     variant: str = ""  # a sweep under other float kernels (Variant.name)
@@ -104,7 +99,7 @@ class Bench:
     seeds: tuple[int, ...]
     settings: tuple[Setting, ...]
     variants: tuple[Variant, ...]
-    fine: str = ""  # fine sweeps (FINE_*) after: "plain" the plain sweeps, "all" every sweep, "" none
+    fine: str = ""  # fine sweeps (lr_finder.fine_sweep) after: "plain" the plain sweeps, "all" every sweep, "" none
 
     def setting(self, name: str) -> Setting:
         return next(s for s in self.settings if s.name == name)
@@ -153,17 +148,11 @@ def training_steps(params: Params) -> int:
 
 
 def fine_finder(finder: LRFinderParams, sweep: dict) -> LRFinderParams:
-    """The fine sweep's design around the lowest loss of `sweep` (a finished sweep job's result, swept with
-    `finder`): the window FINE_BELOW below to FINE_ABOVE above that LR, FINE_STEPS steps, the default smoothing and
-    stop."""
-    from onecycle import picks
+    """The fine sweep's design (lr_finder.fine_params) around the lowest loss of `sweep`, a finished sweep job's
+    result swept with `finder`: what lr_finder.fine_sweep runs after that sweep."""
+    from onecycle import lr_finder, picks
 
-    anchor = picks.lowest_loss_lr(sweep_from(sweep["curve"], finder, 0))
-    defaults = LRFinderParams()
-    return dataclasses.replace(
-        finder, start_lr=anchor / FINE_BELOW, end_lr=anchor * FINE_ABOVE, num_iter=FINE_STEPS, step_mode="exp",
-        smooth_beta=defaults.smooth_beta, diverge_factor=defaults.diverge_factor,
-    )  # fmt: skip
+    return lr_finder.fine_params(finder, picks.lowest_loss_lr(sweep_from(sweep["curve"], finder, 0)))
 
 
 def sweep_from(curve: dict, finder: LRFinderParams, train_steps: int):
@@ -389,7 +378,7 @@ def run(args: argparse.Namespace) -> None:
             payload_path = cache / f"{job.setting}-{job.name}.payload.json"
             record = dataclasses.asdict(job) | {"overrides": setting.overrides, "commit": commit, "env": variant.env}
             record |= {"variant_overrides": variant.applied(plain), "compare": variant.compare}
-            base = results[job.setting].get(f"sweep-s{job.seed}" + (f"-{job.variant}" if job.variant else ""))
+            base = results.get(job.setting, {}).get(f"sweep-s{job.seed}" + (f"-{job.variant}" if job.variant else ""))
             payload = {
                 "base": base if job.kind == "fine" else None,  # the sweep whose lowest loss centres the fine one
                 "params": raw,
@@ -422,6 +411,36 @@ def run(args: argparse.Namespace) -> None:
     print(f"all planned jobs done in {time.perf_counter() - began:.0f} s")
 
 
+H200 = ROOT / "docs/results/h200_gpu_run.json"  # the spec's setting (w64_full): one seed's grid and sweeps
+
+
+def fine_h200(args: argparse.Namespace) -> None:
+    """The fine sweep around the H200 record's default sweep, on this machine, with that record's params (width 64,
+    all 50,000 images, tensor augmentation, bf16 as on the GPU): what the `fine` rule reads at the spec's setting,
+    until a GPU sweeps it. Written to --out/w64_full/fine-s0.json, where lr_report finds it."""
+    record = json.loads(H200.read_text())
+    md5 = hashlib.md5(Path(args.archive).read_bytes()).hexdigest()
+    base = read_yaml((ROOT / "params.yaml").read_text())
+    overrides = {"data.url": str(Path(args.archive).resolve()), "data.md5": md5, "augment.backend": "tensor"}
+    overrides |= {"model.width": 64, "train.precision": "bf16", "train.device": "cpu"}
+    raw = apply_overrides(base, overrides)
+    rows = record["range_test"]["default"]["curve"]
+    curve = {"lr": [r[1] for r in rows], "loss": [r[2] for r in rows], "accuracy": [r[4] for r in rows]}
+    result = ROOT / args.out / "w64_full" / "fine-s0.json"
+    result.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "params": raw, "data": str(data_folder(parse_params(raw), args.cache)), "kind": "fine", "lr_max": None,
+        "base": {"curve": curve}, "threads": args.threads, "result": str(result),
+        "record": {"setting": "w64_full", "kind": "fine", "seed": 0, "variant": "", "overrides": overrides,
+                   "base": "the H200 record's default sweep", "commit": git_commit(ROOT)["commit"]},
+    }  # fmt: skip
+    path = args.cache / "w64_full-fine.payload.json"
+    path.write_text(json.dumps(payload))
+    env = os.environ | {"OMP_NUM_THREADS": str(args.threads)}
+    subprocess.run([sys.executable, "-m", "research.lr_bench", "child", str(path)], cwd=ROOT, env=env, check=True)
+    print(f"wrote {result}")
+
+
 @tool_main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -434,9 +453,17 @@ def main() -> None:
     go.add_argument("--workers", type=int, default=2)
     go.add_argument("--kinds", nargs="+", choices=("sweep", "fine", "train", "found"), help="only these jobs' kinds")
     sub.add_parser("child", help=argparse.SUPPRESS).add_argument("payload", type=Path)
+    h200 = sub.add_parser("fine-h200", help="the fine sweep around the H200 record's sweep, on this machine")
+    h200.add_argument("--archive", required=True, help="the full CIFAR-10 binary archive (a local file)")
+    h200.add_argument("--out", type=Path, default=ROOT / "docs/results/lr_bench")
+    h200.add_argument("--cache", type=Path, default=Path("/tmp/lr_bench"))
+    h200.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     if args.command == "child":
         child(args.payload)
+    elif args.command == "fine-h200":
+        args.cache.mkdir(parents=True, exist_ok=True)
+        fine_h200(args)
     else:
         args.cache.mkdir(parents=True, exist_ok=True)
         run(args)

@@ -1,7 +1,7 @@
 """The LR-finder benchmark's report: every rule's pick on every sweep, read off the trained grids.
 
     python -m research.lr_report report [--out docs/results/lr_bench] [--page docs/lr-finder.md]
-    python -m research.lr_report fit        # budget's two constants, fitted on every setting, into onecycle/picks.py
+    python -m research.lr_report fit        # budget's two constants and fine's one, fitted, into onecycle/picks.py
 
 For each setting of research/lr_bench.yaml (and `w64_full`, the spec's setting, whose grid and sweeps are the
 H200 record in docs/results/h200_gpu_run.json): the grid's mean test accuracy per LRMAX over its seeds, the
@@ -18,6 +18,7 @@ prints the markdown tables of docs/lr-finder.md.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -48,7 +49,6 @@ class Setting:
     # rule -> sweep ("s0", ...) -> LRMAX -> test accuracy: ranges that rule found on that sweep, trained
     trained: dict[str, dict[str, dict[float, float]]] = field(default_factory=dict)
     by_seed: dict[str, dict[float, float]] = field(default_factory=dict)  # "s0" -> LRMAX -> that seed's accuracy
-    fine: dict[str, picks.Sweep] = field(default_factory=dict)  # "s0" -> the fine sweep around that seed's sweep
 
     def means(self) -> dict[float, float]:
         return {lr: statistics.fmean(accs) for lr, accs in sorted(self.grid.items())}
@@ -93,7 +93,7 @@ def bench_settings(out: Path, config: Path) -> list[Setting]:
             if r["kind"] == "sweep"
         }
         grid = grid_means(done)
-        fine = {  # the fine sweeps around the plain sweeps (lr_bench.FINE_*), swept with their own design
+        fine = {  # the fine sweeps around the plain sweeps (lr_finder.FINE_*), swept with their own design
             name.removeprefix("fine-"): sweep_from(r["curve"], LRFinderParams(**r["lr_finder"]), steps)
             for name, r in done.items()
             if r["kind"] == "fine" and not r.get("variant")
@@ -109,7 +109,9 @@ def bench_settings(out: Path, config: Path) -> list[Setting]:
             elif r["kind"] == "train":
                 by_seed.setdefault(f"s{r['seed']}", {})[r["lr_max"]] = r["test_acc"]
         if grid and sweeps:
-            found.append(Setting(s.name, grid, sweeps, features=features, trained=trained, by_seed=by_seed, fine=fine))
+            # each plain sweep with the fine sweep around it, where one ran: the `fine` rule reads it
+            sweeps = {k: dataclasses.replace(w, fine=fine.get(k)) for k, w in sweeps.items()}
+            found.append(Setting(s.name, grid, sweeps, features=features, trained=trained, by_seed=by_seed))
     return found
 
 
@@ -126,6 +128,11 @@ def h200_setting() -> Setting:
         curve = {"lr": lr, "loss": loss, "accuracy": acc}
         sweeps[name] = sweep_from(curve, LRFinderParams(), 24 * 98)  # 24 epochs of 98 steps
     features = {"training steps": 24 * 98, "warm-up steps": 5 * 98, "training images": 50_000, "epochs": 24}
+    fine = H200.parent / "lr_bench/w64_full/fine-s0.json"  # `python -m research.lr_bench fine-h200`, on a CPU
+    if fine.exists():
+        r = json.loads(fine.read_text())
+        swept = sweep_from(r["curve"], LRFinderParams(**r["lr_finder"]), 24 * 98)
+        sweeps["default"] = dataclasses.replace(sweeps["default"], fine=swept)
     return Setting("w64_full", grid, sweeps, "H200, bf16, seed 0: one run per LRMAX", features)
 
 
@@ -378,17 +385,28 @@ def anchor_loo(group: list[Setting], anchors, feature: str | None) -> list[tuple
     return rows
 
 
+def fine_sweeps(s: Setting) -> list[picks.Sweep]:
+    return [w.fine for w in base_sweeps(s) if w.fine is not None]
+
+
+def fit_fine(group: list[Setting]) -> float:
+    """The `fine` rule's constant: exp of the mean over the fine sweeps of `group` of log(best LRMAX / the fine
+    sweep's lowest-loss LR), least squares in logs as anchor_loo fits it."""
+    logs = [math.log(s.best()[0] / picks.lowest_loss_lr(w)) for s in group for w in fine_sweeps(s)]
+    return math.exp(statistics.fmean(logs))
+
+
 def fine_table(settings: list[Setting]) -> str:
     """The fine sweep's lowest loss as the anchor, judged leave-one-out on the settings that have fine sweeps,
     beside budget's anchor (the user's sweep) on the same settings, each with a constant alone and with the
     training steps."""
-    group = [s for s in fitted(settings) if s.fine]
+    group = [s for s in fitted(settings) if fine_sweeps(s)]
     if len(group) < 3:
         return f"No fine sweeps yet in 3 settings with complete grids ({len(group)})."
     rules = {
-        "fine sweep's lowest loss x C": (lambda s: [picks.lowest_loss_lr(w) for w in s.fine.values()], None),
+        "fine sweep's lowest loss x C": (lambda s: [picks.lowest_loss_lr(w) for w in fine_sweeps(s)], None),
         "fine sweep's lowest loss x (steps / ref) ** p": (
-            lambda s: [picks.lowest_loss_lr(w) for w in s.fine.values()],
+            lambda s: [picks.lowest_loss_lr(w) for w in fine_sweeps(s)],
             "training steps",
         ),
         "budget's anchor (the user's sweep) x C": (lambda s: [picks.lowest_loss_lr(w) for w in base_sweeps(s)], None),
@@ -431,19 +449,21 @@ def features_table(settings: list[Setting]) -> str:
     return "\n".join(lines)
 
 
-def write_fit(settings: list[Setting], source: Path) -> tuple[float, float]:
-    """Fit budget's constants on every setting and write them between the `# fit:` marks of `source`
-    (onecycle/picks.py)."""
+def write_fit(settings: list[Setting], source: Path) -> tuple[float, float, float]:
+    """Fit budget's constants and the `fine` rule's on every setting (that has fine sweeps) and write them between
+    the `# fit:` marks of `source` (onecycle/picks.py)."""
     power, reference = fit_budget(fitted(settings))
+    scale = fit_fine([s for s in fitted(settings) if fine_sweeps(s)])
     body = (
         f"BUDGET_REFERENCE_STEPS = {reference:.1f}  # the training length at which LRMAX is the lowest loss's LR "
         f"itself\nBUDGET_POWER = {power:.4f}\n"
+        f"FINE_SCALE = {scale:.4f}  # LRMAX over the fine sweep's lowest-loss LR\n"
     )
     text = re.sub(
         r"(# fit:begin\n).*?(# fit:end)", lambda m: m.group(1) + body + m.group(2), source.read_text(), flags=re.S
     )
     outputs.write_bytes(source, text.encode())
-    return power, reference
+    return power, reference, scale
 
 
 def variant_table(summaries: dict[str, dict], compare: dict[str, str], rules: tuple[str, ...], names: set[str]) -> str:
@@ -534,8 +554,8 @@ def main() -> None:
         command.add_argument("--config", type=Path, default=CONFIG)
     args = parser.parse_args()
     if args.command == "fit":
-        power, reference = write_fit(all_settings(args.out, args.config), PICKS)
-        print(f"wrote power {power:.4f}, reference {reference:.1f} steps into {PICKS}")
+        power, reference, scale = write_fit(all_settings(args.out, args.config), PICKS)
+        print(f"wrote budget's power {power:.4f}, reference {reference:.1f} steps, fine's scale {scale:.4f}: {PICKS}")
     else:
         report(args)
 

@@ -20,6 +20,8 @@ def describe(params: Params, found: lr_finder.LRRange, summary: dict, exp_name: 
     """The range-test run's description in MLflow (markdown): its headline, the found range."""
     sweep = params.lr_finder
     again = " (re-picked from the saved sweep of the same inputs: no new sweep)" if repicked else ""
+    fine = summary["fine_sweep"]
+    fine_line = fine and f"- fine sweep, which the pick reads: {fine['iterations']} steps from {fine['start_lr']:.3g}"
     return "\n".join(
         [
             f"**LR range {found.lr_min:.4g} - {found.lr_max:.4g}** (LRMAX by {found.pick}, LRMIN = LRMAX / "
@@ -27,6 +29,7 @@ def describe(params: Params, found: lr_finder.LRRange, summary: dict, exp_name: 
             "",
             f"- sweep: {summary['iterations']} steps, {sweep.step_mode} from {sweep.start_lr:g} to {sweep.end_lr:g}, "
             f"{summary['stop_reason']}; {summary['epochs_of_training_set']:.2f} epochs of the training set{again}",
+            *([fine_line] if fine_line else []),
             f"- model width {params.model.width}, batch {params.train.batch_size}, seed {params.train.seed}",
             f"- DVC experiment: `{exp_name}`" if exp_name else "- DVC experiment: none (`dvc repro` in the workspace)",
             f"- the training runs that use the range are in the experiment `{EXPERIMENT}`",
@@ -41,6 +44,10 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="folder written by download_cifar")
     parser.add_argument("--range", type=Path, required=True, help="JSON to write: lr_min, lr_max, ...")
     parser.add_argument("--curve", type=Path, required=True, help="CSV to write: one row per sweep step")
+    parser.add_argument(
+        "--fine-curve", type=Path, required=True,
+        help="CSV to write: one row per step of the fine sweep (a header alone when the pick reads none)",
+    )  # fmt: skip
     parser.add_argument(
         "--saved", type=Path, required=True, help="folder of saved sweeps, one per set of inputs (relative paths: "
         "to the repository root, which queued experiments share)",
@@ -68,11 +75,18 @@ def main() -> None:
             f"LR range test: no new sweep: {where} holds the curve of a sweep with the same inputs (what changed is "
             f"read by the pick alone: {', '.join(lr_finder.PICK_KEYS)}), so LRMAX is re-picked from it"
         )
+    read = lr_finder.for_pick(curve, params, dataset, device)
+    if read.fine is not None and read.fine is not curve.fine:  # swept now: kept beside the saved sweep from now on
+        steps, pick = lr_finder.FINE_STEPS, params.lr_finder.pick
+        print(f"LR range test: the fine sweep around its lowest loss ({steps} steps), which {pick} reads")
+        lr_finder.save_sweep(saved, inputs, read)
+    curve = read
     found = lr_finder.pick(curve, params, n_train)  # no range: a clear error
     swept = time.time()
     summary = found.as_dict(curve, n_train)
 
     outputs.write_csv(args.curve, lr_finder.CSV_COLUMNS, curve.rows())
+    outputs.write_csv(args.fine_curve, lr_finder.CSV_COLUMNS, curve.fine.rows() if curve.fine else [])
     outputs.write_json(args.range, summary)
     print(
         f"LR range: LRMIN {found.lr_min:.4g}, LRMAX {found.lr_max:.4g} ({found.pick}; lowest loss at LR "
@@ -101,7 +115,7 @@ def main() -> None:
             ],
         )
         run.log_metrics(0, {"range/lr_min": found.lr_min, "range/lr_max": found.lr_max})
-        run.log_artifacts([args.range, args.curve])
+        run.log_artifacts([args.range, args.curve, args.fine_curve])
         run.end_ms = int(swept * 1000)
     tracker.print_where()
 

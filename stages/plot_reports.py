@@ -16,14 +16,16 @@ from onecycle.model import build_model
 from onecycle.tracking import Tracker, file_sha256
 
 
-def read_columns(path: Path, columns: Sequence[str], stage: str) -> dict[str, list[float]]:
-    """The CSV at `path` as {column: floats}; UserError naming the stage that writes it when it is unusable."""
+def read_columns(path: Path, columns: Sequence[str], stage: str, empty: bool = False) -> dict[str, list[float]]:
+    """The CSV at `path` as {column: floats}; UserError naming the stage that writes it when it is unusable, or
+    has no rows unless `empty` allows it."""
     try:
         with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        if not rows:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+        if not rows and not empty:
             raise ValueError("no rows")
-        missing = [c for c in columns if c not in rows[0]]
+        missing = [c for c in columns if c not in (reader.fieldnames or ())]
         if missing:
             raise ValueError(f"no column {', '.join(missing)}")
         return {c: [float(row[c]) for row in rows] for c in columns}
@@ -64,12 +66,14 @@ def main() -> None:
     parser.add_argument("--history", type=Path, required=True, help="history.csv written by train_one_cycle")
     parser.add_argument("--range", type=Path, required=True, help="lr_range.json written by lr_range_test")
     parser.add_argument("--curve", type=Path, required=True, help="lr_range.csv written by lr_range_test")
+    parser.add_argument("--fine-curve", type=Path, required=True, help="lr_range_fine.csv written by lr_range_test")
     parser.add_argument("--out", type=Path, required=True, help="folder to write the PNGs into (replaced whole)")
     args = parser.parse_args()
     params = load_params(args.params)
     found = lr_finder.read_range(args.range)
     lr_min, lr_max = lr_finder.training_range(found, params.train)
     curve = read_columns(args.curve, lr_finder.CSV_COLUMNS, "lr_range_test")
+    fine = read_columns(args.fine_curve, lr_finder.CSV_COLUMNS, "lr_range_test", empty=True)
     history = read_columns(args.history, training.HISTORY_COLUMNS, "train_one_cycle")
     tracker = Tracker()  # an unreachable tracking server stops the stage here, before any work
     dataset = data.load(args.data)
@@ -100,6 +104,7 @@ def main() -> None:
             found["lr_max"],
             str(found.get("pick", params.lr_finder.pick)),
             accuracy=curve["smoothed_accuracy"],
+            fine=(fine["lr"], fine["smoothed_loss"]) if fine["lr"] else None,
         ),
         "one_cycle.png": lambda: plots.one_cycle([r[0] for r in table], [r[1] for r in table], steps, train.peak_epoch),
         "accuracy.png": lambda: plots.accuracy(history),

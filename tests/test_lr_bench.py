@@ -67,7 +67,9 @@ def test_budget_s_committed_constants_are_what_the_fit_gives_on_the_committed_re
     assert len(group) >= 3 and "w64_full" in {s.name for s in group}
     power, reference = lr_report.fit_budget(group)
     assert (round(power, 4), round(reference, 1)) == (picks.BUDGET_POWER, picks.BUDGET_REFERENCE_STEPS)
+    with_fine = [s for s in group if lr_report.fine_sweeps(s)]
+    assert len(with_fine) >= 3 and round(lr_report.fit_fine(with_fine), 4) == picks.FINE_SCALE
     copy = tmp_path / "picks.py"
     copy.write_text(lr_report.PICKS.read_text())
     lr_report.write_fit(settings, copy)
-    assert copy.read_text() == lr_report.PICKS.read_text(), "fit rewrites the two lines between its marks alone"
+    assert copy.read_text() == lr_report.PICKS.read_text(), "fit rewrites the lines between its marks alone"

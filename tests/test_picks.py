@@ -132,3 +132,15 @@ def test_pick_range_passes_the_training_length_and_falls_back_to_min_loss_withou
     assert found.pick == "budget" and found.note == ""
     unknown = pick_range(curve, params)
     assert unknown.lr_max == pytest.approx(0.01) and "budget found nothing" in unknown.note
+
+
+def test_fine_reads_the_fine_sweep_alone_and_finds_nothing_without_one():
+    lr = np.geomspace(1e-4, 1, 60)
+    coarse = picks.Sweep(lr, lr * 0, (np.log10(lr) + 2) ** 2, lr * 0, lr * 0, 60, 100)
+    assert picks.fine_lowest(coarse) is None
+    fine_lr = np.geomspace(1e-3, 1e-1, 48)
+    fine = picks.Sweep(fine_lr, fine_lr * 0, (np.log10(fine_lr) + 1.5) ** 2, fine_lr * 0, fine_lr * 0, 48)
+    both = dataclasses.replace(coarse, fine=fine)
+    assert picks.fine_lowest(both) == pytest.approx(picks.lowest_loss_lr(fine) * picks.FINE_SCALE, rel=1e-12)
+    assert picks.lowest_loss_lr(fine) == pytest.approx(10**-1.5, rel=1e-3), "the fine curve's lowest, not the coarse"
+    assert picks.RULES["fine"].needs_fine and not picks.RULES["budget"].needs_fine

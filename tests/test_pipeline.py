@@ -234,6 +234,18 @@ def test_an_epochs_only_experiment_re_picks_from_the_saved_sweep_what_a_new_swee
     saved.unlink()  # a new sweep, with the same params: the same bytes
     sh(repo, "dvc", "repro", "-f", "-s", "lr_range_test")
     assert {name: (repo / name).read_bytes() for name in repicked} == repicked
+    assert (repo / "reports/lr_range_fine.csv").read_text().count("\n") == 1, "budget reads no fine sweep: a header"
+
+    # the `fine` rule: no new sweep, but the fine sweep around its lowest loss, kept beside it and plotted
+    result = sh(repo, "dvc", "exp", "run", "-S", "lr_finder.pick=fine", "-n", "fine-rule")
+    assert ran(result) == ["lr_range_test", "train_one_cycle", "plot_reports"]
+    assert "no new sweep" in result.stdout and "the fine sweep around its lowest loss (48 steps)" in result.stdout
+    fine_rows = (repo / "reports/lr_range_fine.csv").read_text().splitlines()
+    assert 10 < len(fine_rows) <= 1 + 48
+    found = json.loads((repo / "reports/lr_range.json").read_text())
+    assert found["pick"] == "fine" and found["fine_sweep"]["iterations"] == len(fine_rows) - 1
+    assert float(fine_rows[1].split(",")[1]) <= found["lr_max"] <= float(fine_rows[-1].split(",")[1])
+    assert json.loads(saved.read_text())["curve"]["fine"]["lr"], "saved with the sweep: a re-pick reads it"
     for name, content in kept.items():
         (repo / name).write_bytes(content)
     sh(repo, "dvc", "checkout")

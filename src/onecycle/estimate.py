@@ -11,7 +11,7 @@ import time
 
 from tqdm import tqdm
 
-from onecycle import schedules
+from onecycle import lr_finder, picks, schedules
 from onecycle.config import Params
 from onecycle.errors import UserError
 
@@ -49,12 +49,13 @@ def duration(seconds: float) -> str:
 
 
 def run_steps(params: Params, train_images: int, test_images: int) -> float:
-    """The whole run in training steps of train.batch_size: the range test, every epoch's steps and its
-    evaluation (EVAL_COST a step per batch of test images)."""
+    """The whole run in training steps of train.batch_size: the range test (with its fine sweep, when the pick reads
+    one), every epoch's steps and its evaluation (EVAL_COST a step per batch of test images)."""
     train = params.train
     per_epoch = schedules.steps_per_epoch(train_images, train.batch_size)
     per_eval = math.ceil(test_images / train.batch_size) * EVAL_COST
-    return params.lr_finder.num_iter + train.epochs * (per_epoch + per_eval)
+    sweeps = params.lr_finder.num_iter + (lr_finder.FINE_STEPS if picks.RULES[params.lr_finder.pick].needs_fine else 0)
+    return sweeps + train.epochs * (per_epoch + per_eval)
 
 
 def faster(params: Params, device_type: str) -> str:

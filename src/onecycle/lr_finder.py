@@ -57,6 +57,12 @@ PICK_TRAIN_KEYS = tuple(k for k in PICK_KEYS if k.startswith("train."))
 
 CSV_COLUMNS = ("iteration", "lr", "loss", "smoothed_loss", "accuracy", "smoothed_accuracy")
 
+# The fine sweep (fine_sweep), for a rule that reads one (picks.Rule.needs_fine): a second sweep of a fresh model with
+# the same seed, whose design is the project's, not lr_finder.*: FINE_STEPS steps (16 per decade), exponential,
+# from the first sweep's lowest-loss LR / FINE_BELOW to that LR x FINE_ABOVE, smoothed and stopped as the defaults
+# do. The user's knobs reach it only through where that lowest loss lies.
+FINE_BELOW, FINE_ABOVE, FINE_STEPS = 100.0, 10.0, 48
+
 
 @dataclass(frozen=True)
 class Curve:
@@ -69,6 +75,13 @@ class Curve:
     smoothed_accuracy: list[float]
     stop_reason: str  # "finished", "diverged" (smoothed loss > diverge_factor x best) or "non-finite loss"
     images_seen: int
+    fine: Curve | None = None  # the fine sweep around this one (fine_sweep), when the pick reads one
+
+    @classmethod
+    def of(cls, saved: dict) -> Curve:
+        """The curve that dataclasses.asdict gave `saved` (save_sweep), its fine sweep with it."""
+        fine = saved.get("fine")
+        return cls(**(saved | {"fine": cls.of(fine) if fine else None}))
 
     def rows(self) -> list[tuple]:
         return [
@@ -90,6 +103,8 @@ class LRRange:
     note: str = ""  # why the rule gave this LRMAX, when it fell back to another rule
 
     def as_dict(self, curve: Curve, train_images: int) -> dict:
+        fine = curve.fine
+        images = curve.images_seen + (fine.images_seen if fine else 0)
         return {
             "lr_min": self.lr_min,
             "lr_max": self.lr_max,
@@ -100,8 +115,11 @@ class LRRange:
             "note": self.note,
             "iterations": len(curve.lr),
             "stop_reason": curve.stop_reason,
-            "images_seen": curve.images_seen,
-            "epochs_of_training_set": curve.images_seen / train_images,  # the sweep's cost, in epochs
+            "images_seen": images,  # both sweeps'
+            "epochs_of_training_set": images / train_images,  # the range test's cost, in epochs
+            "fine_sweep": None
+            if fine is None
+            else {"start_lr": fine.lr[0], "iterations": len(fine.lr), "stop_reason": fine.stop_reason},
         }
 
 
@@ -186,12 +204,46 @@ def range_test(
 
 
 def sweep_of(curve: Curve, params: LRFinderParams, train_steps: int | None = None) -> picks.Sweep:
+    """The curve as the rules read it, with its fine sweep (whose design is fine_params')."""
     return picks.Sweep(
         *(np.asarray(v, dtype=float) for v in (curve.lr, curve.loss, curve.smoothed_loss, curve.accuracy)),
         np.asarray(curve.smoothed_accuracy, dtype=float),
         params.num_iter,
         train_steps,
+        fine=sweep_of(curve.fine, dataclasses.replace(params, num_iter=FINE_STEPS)) if curve.fine else None,
     )
+
+
+def fine_params(params: LRFinderParams, anchor: float) -> LRFinderParams:
+    """The fine sweep's design around `anchor` (FINE_*): what is left of `params` is the pick's keys."""
+    defaults = LRFinderParams()
+    return dataclasses.replace(
+        params, start_lr=anchor / FINE_BELOW, end_lr=anchor * FINE_ABOVE, num_iter=FINE_STEPS, step_mode="exp",
+        smooth_beta=defaults.smooth_beta, diverge_factor=defaults.diverge_factor,
+    )  # fmt: skip
+
+
+def fine_anchor(curve: Curve, params: LRFinderParams) -> float:
+    """The LR the fine sweep's window is set around: `curve`'s lowest loss (picks.lowest_loss_lr)."""
+    return picks.lowest_loss_lr(sweep_of(dataclasses.replace(curve, fine=None), params))
+
+
+def fine_sweep(params: Params, dataset: Dataset, device: torch.device, curve: Curve, *, progress: bool = True) -> Curve:
+    """The fine sweep around `curve`'s lowest loss (fine_anchor): a fresh model with the same seed, the same
+    batches, the design of fine_params."""
+    finder = fine_params(params.lr_finder, fine_anchor(curve, params.lr_finder))
+    return sweep(dataclasses.replace(params, lr_finder=finder), dataset, device, progress=progress)
+
+
+def for_pick(curve: Curve, params: Params, dataset: Dataset, device: torch.device, *, progress: bool = True) -> Curve:
+    """`curve` as lr_finder.pick reads it: with its fine sweep when the rule reads one (picks.Rule.needs_fine; swept
+    here when `curve` has none), else without, so that the outputs are the same whatever an earlier pick saved."""
+    if not picks.RULES[params.lr_finder.pick].needs_fine or not curve.lr:
+        return dataclasses.replace(curve, fine=None)
+    start = fine_anchor(curve, params.lr_finder) / FINE_BELOW
+    if curve.fine is not None and curve.fine.lr[0] == start:  # the saved one is still centred where it should be
+        return curve
+    return dataclasses.replace(curve, fine=fine_sweep(params, dataset, device, curve, progress=progress))
 
 
 def pick_range(curve: Curve, params: LRFinderParams, train_steps: int | None = None) -> LRRange:
@@ -290,8 +342,9 @@ def find_range(
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
 ) -> tuple[Curve, LRRange]:
-    """The sweep, then the pick off its curve."""
+    """The sweep (and the fine sweep around it, when the pick reads one), then the pick off the curve."""
     curve = sweep(params, dataset, device, progress=progress, on_step=on_step)
+    curve = for_pick(curve, params, dataset, device, progress=progress)
     return curve, pick(curve, params, len(dataset.train.labels))
 
 
@@ -339,13 +392,14 @@ def saved_sweep(folder: Path, inputs: dict) -> Curve | None:
         saved = json.loads(path.read_text())
         if saved["inputs"] != json.loads(json.dumps(inputs)):
             return None
-        return Curve(**saved["curve"])
+        return Curve.of(saved["curve"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
 def save_sweep(folder: Path, inputs: dict, curve: Curve) -> Path:
-    """Keep `curve` under its inputs, so that a change of a key only the pick reads re-picks from it."""
+    """Keep `curve` (and its fine sweep) under its inputs, so that a change of a key only the pick reads re-picks
+    from it. The fine sweep depends on the curve and those inputs alone."""
     path = saved_path(folder, inputs)
     outputs.write_json(path, {"inputs": inputs, "curve": dataclasses.asdict(curve)})
     return path

@@ -39,6 +39,7 @@ class Sweep:
     smoothed_accuracy: np.ndarray  # its moving average, as the loss's
     num_iter: int  # the steps the sweep was to take (it may have stopped earlier, on divergence)
     train_steps: int | None = None  # optimizer steps of the training the range serves (None: unknown)
+    fine: Sweep | None = None  # the fine sweep around this one (lr_finder.fine_sweep), for a rule that reads it
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class Rule:
     pick: Callable[[Sweep], float | None]
     words: str  # for the range-test plot's title
     source: str  # where the rule comes from
+    needs_fine: bool = False  # it reads Sweep.fine: the range test runs the fine sweep for it
 
 
 def smooth_over_log_lr(lr: np.ndarray, values: np.ndarray, decades: float) -> np.ndarray:
@@ -104,12 +106,14 @@ def acc_drop(s: Sweep) -> float | None:
 # Fitted on the LR-finder benchmark's trained grids (docs/lr-finder.md): the best LRMAX over the lowest loss's LR
 # grows with the length of the training the range serves, in optimizer steps, as (steps / reference) ** power.
 # A long run can afford a peak above the LR where the sweep's fresh network stopped improving (it has the steps to
-# settle after it); a short one wants less. Neither the warm-up's length nor the sweep's own fitted as well. The
-# two lines between the marks are written by `python -m research.lr_report fit` from the committed results
-# (a test checks that they are what it gives); never by hand.
+# settle after it); a short one wants less. Neither the warm-up's length nor the sweep's own fitted as well.
+# FINE_SCALE, the `fine` rule's one constant, is the mean over the settings of log(best LRMAX / the fine sweep's
+# lowest-loss LR). The lines between the marks are written by `python -m research.lr_report fit` from the
+# committed results (a test checks that they are what it gives); never by hand.
 # fit:begin
 BUDGET_REFERENCE_STEPS = 3243.2  # the training length at which LRMAX is the lowest loss's LR itself
 BUDGET_POWER = 0.3151
+FINE_SCALE = 0.4133  # LRMAX over the fine sweep's lowest-loss LR
 # fit:end
 
 
@@ -136,6 +140,16 @@ def budget(s: Sweep) -> float | None:
         return None
     lr = lowest_loss_lr(s) * (s.train_steps / BUDGET_REFERENCE_STEPS) ** BUDGET_POWER
     return float(np.clip(lr, s.lr[0], s.lr[-1]))
+
+
+def fine_lowest(s: Sweep) -> float | None:
+    """The fine sweep's lowest loss (lowest_loss_lr) times FINE_SCALE, kept inside its LRs; None without a fine
+    sweep. The fine sweep's design is the project's (lr_finder.FINE_*), so the user's sweep knobs reach the pick
+    only through where its window lies: a longer, shorter, wider or lower sweep moves it less than it moves the
+    user's own sweep's lowest loss (docs/lr-finder.md, the knob table)."""
+    if s.fine is None:
+        return None
+    return float(np.clip(lowest_loss_lr(s.fine) * FINE_SCALE, s.fine.lr[0], s.fine.lr[-1]))
 
 
 # --- other tools' rules, each as its source computes it ---
@@ -238,6 +252,12 @@ RULES: dict[str, Rule] = {
     "acc_drop": Rule(acc_drop, "where the batch accuracy has lost half its gain", "this project"),
     "budget": Rule(
         budget, "the lowest loss's LR, scaled by the training's length", "this project (the LR-finder benchmark)"
+    ),
+    "fine": Rule(
+        fine_lowest,
+        "the fine sweep's lowest loss, scaled",
+        "this project (the LR-finder benchmark)",
+        needs_fine=True,
     ),
     "fastai_valley": Rule(fastai_valley, "fastai's valley", "fastai callback/schedule.py"),
     "fastai_slide": Rule(fastai_slide, "fastai's slide", "fastai callback/schedule.py"),

@@ -107,10 +107,12 @@ def lr_range(
     lr_max: float,
     pick: str,
     accuracy: Sequence[float] | None = None,
+    fine: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> Figure:
     """The LR range test: loss against LR (log scale), the found LRMIN and LRMAX, and optionally accuracy.
 
-    `accuracy` is the smoothed batch accuracy in percent, one value per step, drawn on a second y axis.
+    `accuracy` is the smoothed batch accuracy in percent, one value per step, drawn on a second y axis. `fine`:
+    the fine sweep's LRs and smoothed loss, when the pick read one.
     """
     lr_a = np.asarray(lr, dtype=float)
     smooth = np.asarray(smoothed_loss, dtype=float)
@@ -129,6 +131,8 @@ def lr_range(
         markersize=7,
         label=f"lowest: {smooth[best]:.3f} at LR {lr_a[best]:.3g}",
     )
+    if fine is not None:
+        ax.plot(*fine, color="tab:orange", linewidth=2.0, label="fine sweep: smoothed loss")
     ax.axvline(lr_min, color="tab:purple", linestyle="--", linewidth=1.4, label=f"LRMIN = {lr_min:.3g}")
     ax.axvline(lr_max, color=BOUND_COLOR, linestyle="--", linewidth=1.4, label=f"LRMAX = {lr_max:.3g}")
     ax.set_ylim(*_loss_limits(smooth, raw))
