@@ -9,7 +9,7 @@ export DVC_NO_ANALYTICS := 1
 # Stage commands in dvc.yaml call `python`: the venv's.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: run test lint bench quick seeds lr-check register browser-check clean-venv
+.PHONY: run test lint bench quick profile-quick seeds lr-check register browser-check clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,13 @@ endif
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m scripts.bench
+
+# Where make quick's time goes: its `dvc exp run` in a new repository of this checkout (a fresh clone's first run),
+# each stage split into phases (start-up, imports, data, MLflow, the sweep's and training's steps, evaluation,
+# plots) and DVC's own share; a table and reports/quick_profile.json. ARCHIVE=path/to/cifar-10-binary.tar.gz.
+profile-quick: $(VENV)/.installed
+	@test -f '$(ARCHIVE)' || { echo "error: profile-quick needs ARCHIVE=path/to/cifar-10-binary.tar.gz" >&2; exit 1; }
+	$(BIN)/python -m scripts.quick_profile --archive '$(ARCHIVE)'
 
 # The current params trained with seeds 0..N-1, each a DVC experiment from the range test on (the workspace is
 # left as it is): a table, reports/seeds.json (median, mean, min, max, std of test_acc) and the MLflow runs

@@ -15,8 +15,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-
 
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
@@ -57,6 +55,8 @@ def write_csv(path: Path, columns: Sequence[str], rows: Iterable[Sequence]) -> N
 
 
 def torch_save(obj: object, path: Path) -> None:
+    import torch  # here, not at the top: the download stage writes no tensor and skips torch's 1 s import
+
     path = Path(path)
     tmp = _temporary(path)
     try:
