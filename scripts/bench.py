@@ -47,10 +47,10 @@ from onecycle.augment_tensor import TensorAugment, to_nchw
 from onecycle.config import IMAGE_SIZE, AugmentParams, DataParams, Params, TrainParams
 from onecycle.data import Dataset, Split
 from onecycle.errors import UserError
-from onecycle.model import CustomResNet
+from onecycle.model import CustomResNet, training_flop
 from onecycle.steps import StepOptions, make_optimizer
 from scripts.experiments import tool_main
-from scripts.measure import flop_rate, sync
+from scripts.measure import flop_rate, matmul_tflops, sync
 from scripts.pipeline_repo import ROOT, cifar_members, pipeline_repo, shim_env, timed_repro, write_archive
 
 REFERENCE_IMAGES = 20 * 50_000  # the reference's range test: 20 one-epoch trainings
@@ -140,6 +140,10 @@ def train_step_throughput(width: int, batch_size: int, steps: int, repeat: int, 
     }
     for name in variants:
         result |= {f"{name}_images_per_s": rate[name], f"{name}_ratio": rate[name] / rate["baseline"]}
+    if device.type == "cpu":  # each step's FLOP rate against a 2048^3 matrix product of its precision
+        for name, dtype in (("project", torch.float32), ("project_bf16", torch.bfloat16)):
+            result[f"{name}_matmul_gflops"] = 1e3 * matmul_tflops(device, dtype, 2048)
+            result[f"{name}_gflops"] = n * training_flop(width) / best[name] / 1e9
     if device.type == "cuda":
         seconds_per_epoch = 50_000 / rate["project"]
         peak = float(os.environ.get("PEAK_TFLOPS", "0") or 0)
@@ -348,6 +352,13 @@ def main() -> None:
                 f"| training step, width {step['width']}, batch {step['batch_size']}: {label} (images/s) | "
                 f"{step['baseline_images_per_s']:,.0f} | {step[f'{name}_images_per_s']:,.0f} | "
                 f"{step[f'{name}_ratio']:.2f}x |"
+            )
+    for name, label in (("project", "float32"), ("project_bf16", "bf16")):
+        if f"{name}_gflops" in step:
+            print(
+                f"| training step, width {step['width']}, {label}: GFLOP/s against a 2048^3 {label} matrix product | "
+                f"{step[f'{name}_matmul_gflops']:,.0f} | {step[f'{name}_gflops']:,.0f} | "
+                f"{step[f'{name}_gflops'] / step[f'{name}_matmul_gflops']:.0%} |"
             )
     print(
         f"| augmentation, batches of 512 (images/s, 1 thread) | {aug['albumentations_images_per_s']:,.0f} | "

@@ -35,12 +35,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_tflops(device: torch.device) -> float:
-    """Measured bf16 matrix-product rate, TFLOP/s: mean of 10 products (8192^3 on CUDA, 512^3 on the CPU) after
-    3 warm-ups. The peak that model FLOP utilisation is given against."""
-    n = 8192 if device.type == "cuda" else 512
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+def matmul_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: int | None = None) -> float:
+    """Measured matrix-product rate, TFLOP/s: mean of 10 products of n x n (8192 on CUDA, 512 on the CPU unless
+    given) after 3 warm-ups. The peak that model FLOP utilisation is given against."""
+    n = n or (8192 if device.type == "cuda" else 512)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
     sync(device)
