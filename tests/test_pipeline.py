@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
 
 from onecycle import lr_finder
 from onecycle.model import CustomResNet
-from onecycle.tracking import EXPERIMENT, RANGE_EXPERIMENT
+from onecycle.tracking import EXPERIMENT, RANGE_EXPERIMENT, model_name
 from onecycle.training import HISTORY_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,7 +183,7 @@ def test_the_logged_model_classifies_as_the_stage_measured_and_registers_in_one_
     _, [run] = mlflow_runs(repo, "train_one_cycle")
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     [logged] = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
-    assert logged.name == f"resnet-w4-{run.info.run_name.split(' · ')[0].replace(' ', '-').replace(':', '-')}"
+    assert logged.name == model_name(4, run.info.run_name.split(" · ")[0]) == f"resnet-w4-{logged.name[10:]}"
     images = np.load(repo / "data/cifar10/test_images.npy")
     labels = np.load(repo / "data/cifar10/test_labels.npy")
     metrics = json.loads((repo / "reports/metrics.json").read_text())

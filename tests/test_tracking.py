@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from onecycle.errors import Terminated
 from onecycle.mlflow_ui import VIEW_KEY, VIEW_TAG
-from onecycle.tracking import EXPERIMENT, RANGE_EXPERIMENT, VIEW_COLUMNS, Tracker
+from onecycle.tracking import EXPERIMENT, RANGE_EXPERIMENT, VIEW_COLUMNS, Tracker, model_name
 
 
 def store(tmp_path, monkeypatch) -> tuple[str, MlflowClient]:
@@ -102,3 +102,17 @@ def test_a_run_held_with_with_ends_finished_failed_or_killed_and_says_why(tmp_pa
         ended = client.get_run(run.id)
         assert ended.info.status == status and ended.info.end_time, raised
         assert ended.data.tags["mlflow.note.content"] == ("**Training**" if status == "FINISHED" else f"**{status}**")
+
+
+def test_a_logged_model_s_name_takes_the_width_and_the_run_s_label_in_letters_mlflow_accepts():
+    from mlflow.utils.validation import _validate_logged_model_name
+
+    labels = {
+        "bally-cess": "resnet-w16-bally-cess",
+        "lrc-x0.5": "resnet-w16-lrc-x0-5",  # make lr-check's experiments: MLflow refuses '.' in the name
+        "repro 2026-12-05 14:03:21": "resnet-w16-repro-2026-12-05-14-03-21",
+        "it's 50%: a/b": "resnet-w16-it-s-50-a-b",
+    }
+    for label, name in labels.items():
+        assert model_name(16, label) == name
+        _validate_logged_model_name(name)  # raises on a name MLflow would refuse

@@ -131,9 +131,10 @@ def run_label() -> str:
 
 def model_name(width: int, label: str) -> str:
     """The logged model's name, which tells it from other runs' models in MLflow's Models tab: the width and the
-    run's label (Run.label: the DVC experiment's name, or when the run started), in the letters a runs:/ URI
-    takes: resnet-w16-bally-cess, resnet-w64-repro-2026-12-05-14-03-21."""
-    return f"{MODEL_PREFIX}-w{width}-" + re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-")
+    run's label (Run.label: the DVC experiment's name, or when the run started), in the letters MLflow takes in
+    a logged model's name (no '/', ':', '.', '%' or quotes): resnet-w16-bally-cess, resnet-w8-lrc-x0-5,
+    resnet-w64-repro-2026-12-05-14-03-21."""
+    return f"{MODEL_PREFIX}-w{width}-" + re.sub(r"[^A-Za-z0-9_-]+", "-", label).strip("-")
 
 
 def system_metrics_on() -> bool:
