@@ -346,20 +346,19 @@ def main() -> None:
 
     print(f"| measure ({device}) | baseline | project | ratio |")
     print("| --- | --- | --- | --- |")
-    for name, label in (("project", "project step"), ("project_bf16", "project step, train.precision: bf16")):
-        if f"{name}_images_per_s" in step:
-            print(
-                f"| training step, width {step['width']}, batch {step['batch_size']}: {label} (images/s) | "
-                f"{step['baseline_images_per_s']:,.0f} | {step[f'{name}_images_per_s']:,.0f} | "
-                f"{step[f'{name}_ratio']:.2f}x |"
-            )
-    for name, label in (("project", "float32"), ("project_bf16", "bf16")):
-        if f"{name}_gflops" in step:
-            print(
-                f"| training step, width {step['width']}, {label}: GFLOP/s against a 2048^3 {label} matrix product | "
-                f"{step[f'{name}_matmul_gflops']:,.0f} | {step[f'{name}_gflops']:,.0f} | "
-                f"{step[f'{name}_gflops'] / step[f'{name}_matmul_gflops']:.0%} |"
-            )
+    steps = (("project", "project step", "float32"), ("project_bf16", "project step, train.precision: bf16", "bf16"))
+    for name, label, dtype in steps:
+        if f"{name}_images_per_s" not in step:
+            continue
+        rate, ratio = step[f"{name}_images_per_s"], step[f"{name}_ratio"]
+        print(
+            f"| training step, width {step['width']}, batch {step['batch_size']}: {label} (images/s) | "
+            f"{step['baseline_images_per_s']:,.0f} | {rate:,.0f} | {ratio:.2f}x |"
+        )
+        if f"{name}_gflops" in step:  # on the CPU: against a matrix product of the step's precision
+            matmul, achieved = step[f"{name}_matmul_gflops"], step[f"{name}_gflops"]
+            print(f"| - its GFLOP/s against a 2048^3 {dtype} matrix product | {matmul:,.0f} | {achieved:,.0f} | "
+                  f"{achieved / matmul:.0%} |")  # fmt: skip
     print(
         f"| augmentation, batches of 512 (images/s, 1 thread) | {aug['albumentations_images_per_s']:,.0f} | "
         f"{aug['tensor_batched_images_per_s']:,.0f} | {aug['batched_ratio']:.1f}x |"

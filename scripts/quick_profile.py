@@ -1,13 +1,13 @@
-"""Where `make quick`'s time goes: `make quick PROFILE=1 ARCHIVE=...` (python -m scripts.quick_profile).
+"""Where `make quick`'s time goes: `make profile-quick ARCHIVE=...` (python -m scripts.quick_profile).
 
-    python -m scripts.quick_profile --archive cifar-10-binary.tar.gz [--out reports/quick_profile.json]
+    python -m scripts.quick_profile --archive cifar-10-binary.tar.gz [--out reports/quick_profile.json] [-S K=V]...
 
-It runs `make quick`'s `dvc exp run` (the Makefile's QUICK_PARAMS, read from it, with the archive) in a new git
-repository of this checkout, as on a fresh clone: each stage process through scripts/stage_profile.py, which
-splits it into phases (interpreter start-up, imports, data load, MLflow store set-up, run and model logging, the
-sweep's steps, training steps, evaluation, plots), and DVC's own time is what is left of the `dvc exp run`. It
-prints a table with the machine's name and the ratio of the whole to the steps alone (sweep, training and
-evaluation), and writes the figures to --out.
+It runs `make quick`'s `dvc exp run` (the Makefile's QUICK_PARAMS, read from it, with the archive; -S adds
+overrides after them, as `make quick ARGS=...`) in a new git repository of this checkout, as on a fresh clone:
+each stage process through scripts/stage_profile.py, which splits it into phases (interpreter start-up, imports,
+the archive, MLflow store set-up, run and model logging, the sweep's steps, training steps, evaluation, plots),
+and DVC's own time is what is left of the `dvc exp run`. It prints a table with the machine's name and the ratio
+of the whole to the steps alone (sweep, training and evaluation), and writes the figures to --out.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def quick_params(makefile: Path = ROOT / "Makefile") -> list[str]:
     return found.group(1).split()
 
 
-def profile(archive: Path, work: Path) -> dict:
+def profile(archive: Path, work: Path, extra: list[str]) -> dict:
     md5 = hashlib.md5(archive.read_bytes()).hexdigest()
     repo = pipeline_repo(work / "repo", {})
     times = work / "stage_times.txt"
@@ -49,7 +49,8 @@ def profile(archive: Path, work: Path) -> dict:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env = shim_env(work / "shim", times, env) | {"SHIM_PROFILE": str(ROOT / "scripts" / "stage_profile.py")}
     env["PYTHONPATH"] = str(repo / "src")  # the copy's library, as in a clean checkout
-    command = ["dvc", "exp", "run", *quick_params(), "-S", f"data.url={archive.resolve()}", "-S", f"data.md5={md5}"]
+    data = ["-S", f"data.url={archive.resolve()}", "-S", f"data.md5={md5}"]
+    command = ["dvc", "exp", "run", *quick_params(), *(a for kv in extra for a in ("-S", kv)), *data]
     start = time.time()
     done = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True)
     seconds = time.time() - start
@@ -96,6 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archive", type=Path, required=True, help="a local copy of the CIFAR-10 binary archive")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "quick_profile.json")
+    parser.add_argument("-S", dest="set", action="append", default=[], metavar="KEY=VALUE", help="another override")
     args = parser.parse_args()
     if not args.archive.is_file():
         raise UserError(f"--archive {args.archive}: no such file")
@@ -104,7 +106,7 @@ def main() -> None:
     from scripts.measure import device_name
 
     with tempfile.TemporaryDirectory() as tmp:
-        result = profile(args.archive, Path(tmp))
+        result = profile(args.archive, Path(tmp), args.set)
     found = git_commit(ROOT)
     result |= {"device": device_name(torch.device("cpu")), "commit": found["commit"][:7]}
     result["commit"] += "+uncommitted" if found.get("uncommitted_changes") else ""

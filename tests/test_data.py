@@ -329,3 +329,10 @@ def test_channel_stats_matches_numpy_and_ignores_chunking():
     np.testing.assert_allclose(std, flat.std(axis=0), rtol=1e-12)
     assert data.channel_stats(images, chunk=7) == (mean, std)
     assert data.channel_stats(np.full((3, 4, 4, 3), 9, dtype=np.uint8)) == ((9.0,) * 3, (0.0,) * 3)
+
+
+def test_the_download_stage_s_library_imports_no_torch():
+    """download_cifar writes no tensor: its modules leave torch (a second of imports) to the stages that train."""
+    code = "import sys; import onecycle.data, onecycle.outputs, onecycle.config; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"

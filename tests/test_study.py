@@ -224,8 +224,34 @@ def test_bench_runs_without_the_repro_timing_and_times_the_decode_of_an_archive(
     results = json.loads(out.read_text())
     assert results["noop_repro_seconds"] is None and "not measured" in done.stdout
     assert results["train_step"]["baseline_images_per_s"] > 0 and results["train_step"]["project_ratio"] > 0
+    # on the CPU, each step against a matrix product of its precision
+    assert results["train_step"]["project_matmul_gflops"] > 0 and results["train_step"]["project_bf16_gflops"] > 0
+    assert "its GFLOP/s against a 2048^3 float32 matrix product" in done.stdout
     assert results["augmentation"]["batched_ratio"] > 0 and results["range_test"]["planned_images"] == 96 * 512
     decoded = results["decode"]  # the download stage's work on the 600 + 200 images, best of 3
     assert decoded["images"] == 800 and decoded["repeat"] == 3 and "download_cifar's work on 800 images" in done.stdout
     parts = decoded["md5_seconds"] + decoded["decode_seconds"] + decoded["write_seconds"]
     assert decoded["seconds"] == pytest.approx(parts) and min(decoded["md5_seconds"], decoded["write_seconds"]) > 0
+
+
+def test_make_profile_quick_splits_a_quick_run_into_its_phases_and_dvc_s_own_share(tmp_path, small_archive):
+    """`make profile-quick`: make quick's `dvc exp run` in a new repository, each stage split into phases; the
+    phases and DVC's share add up to the whole, and the steps are what the sweep and the training ran."""
+    out = tmp_path / "profile.json"
+    tiny = ["data.train_limit=null", "data.test_limit=null", "model.width=2", "train.batch_size=64"]
+    tiny += ["train.epochs=2", "train.peak_epoch=1", "lr_finder.num_iter=10", "lr_finder.start_lr=0.001"]
+    done = script("scripts.quick_profile", "--archive", str(small_archive[0]), "--out", str(out),
+                  *(a for kv in tiny for a in ("-S", kv)))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert list(result["stages"]) == ["download_cifar", "lr_range_test", "train_one_cycle", "plot_reports"]
+    for name, stage in result["stages"].items():
+        assert stage["exit_status"] == 0 and stage["phases"]["imports"] > 0, name
+        assert sum(stage["phases"].values()) <= stage["seconds"] * 1.01, name
+    phases = {name: stage["phases"] for name, stage in result["stages"].items()}
+    assert phases["lr_range_test"]["sweep steps"] > 0 and phases["train_one_cycle"]["training steps"] > 0
+    assert phases["plot_reports"]["plots"] > 0 and phases["download_cifar"]["archive: md5, decode, write"] > 0
+    in_stages = sum(stage["seconds"] for stage in result["stages"].values())
+    assert result["dvc_seconds"] == pytest.approx(result["seconds"] - in_stages)
+    assert result["ratio_to_steps"] == pytest.approx(result["seconds"] / result["steps_seconds"])
+    assert "| imports |" in done.stdout and "DVC's own" in done.stdout and "x its steps" in done.stdout
