@@ -100,6 +100,7 @@ class Bench:
     settings: tuple[Setting, ...]
     variants: tuple[Variant, ...]
     fine: str = ""  # fine sweeps (lr_finder.fine_sweep) after: "plain" the plain sweeps, "all" every sweep, "" none
+    found: tuple[str, ...] = ()  # rules whose found ranges are trained too, beside each setting's own pick
 
     def setting(self, name: str) -> Setting:
         return next(s for s in self.settings if s.name == name)
@@ -123,7 +124,8 @@ def read_bench(path: Path = CONFIG) -> Bench:
         )
         for v in raw.get("variants") or ()
     )
-    return Bench(raw.get("set") or {}, tuple(raw["seeds"]), settings, variants, raw.get("fine") or "")
+    found = tuple(raw.get("found") or ())
+    return Bench(raw.get("set") or {}, tuple(raw["seeds"]), settings, variants, raw.get("fine") or "", found)
 
 
 def setting_params(
@@ -176,16 +178,23 @@ def sweep_from(curve: dict, finder: LRFinderParams, train_steps: int):
 
 
 def found_jobs(bench: Bench, setting: Setting, done: dict[str, dict], seeds) -> list[Job]:
-    """Per seed whose sweep has finished: a training from the range its setting's pick rule finds on it."""
+    """Per seed whose sweep has finished: a training from the range its setting's pick rule finds on it, and each
+    rule of the YAML's `found` (`fine` reads the fine sweep around that sweep, once it has finished)."""
     from onecycle import picks
 
     params = setting_params(bench, setting, {}, 0)[1]
-    rule, steps = params.lr_finder.pick, training_steps(params)
+    steps = training_steps(params)
     jobs = []
-    for seed in seeds:
-        sweep = done.get(f"sweep-s{seed}")
-        if sweep and (lr := picks.RULES[rule].pick(sweep_from(sweep["curve"], params.lr_finder, steps))):
-            jobs.append(Job(setting.name, "found", seed, lr, rule=rule))
+    for rule in dict.fromkeys([params.lr_finder.pick, *bench.found]):
+        for seed in seeds:
+            sweep, fine = done.get(f"sweep-s{seed}"), done.get(f"fine-s{seed}")
+            if not sweep or (picks.RULES[rule].needs_fine and not fine):
+                continue
+            read = sweep_from(sweep["curve"], params.lr_finder, steps)
+            if fine:
+                read = dataclasses.replace(read, fine=sweep_from(fine["curve"], LRFinderParams(**fine["lr_finder"]), 0))
+            if lr := picks.RULES[rule].pick(read):
+                jobs.append(Job(setting.name, "found", seed, lr, rule=rule))
     return jobs
 
 
