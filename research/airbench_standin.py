@@ -42,7 +42,7 @@ import torch
 from onecycle import data, outputs
 from onecycle.config import parse_params, read_yaml
 from onecycle.errors import UserError
-from research import study
+from research import jobs, study
 from scripts.experiments import (
     apply_overrides,
     parse_override,
@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory(prefix="airbench-") as tmp:
         tmp = Path(tmp)
-        folder, prepare_seconds = study.data_folder(params, args.cache or tmp / "data")
+        folder, prepare_seconds = jobs.data_folder(params, args.cache or tmp / "data")
         dataset = data.load(folder)
         if args.export:
             print(f"wrote {export(dataset, args.export)}/train.pt and test.pt")

@@ -38,6 +38,8 @@ from onecycle import picks
 from research.lr_bench import ROOT, load_results, read_bench
 from research.lr_report import refresh_page
 
+# (setting, variant) -> per seed, each reading's factor
+Table = dict[tuple[str, str], list[tuple[int, dict[str, float]]]]
 DECADES = 0.2  # the lag-free smoothing's width over log10(LR)
 
 
@@ -92,20 +94,29 @@ READINGS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
 }
 
 
-def factors(out: Path, config: Path, kind: str) -> dict[tuple[str, str], list[tuple[int, dict[str, float]]]]:
+def factors(out: Path, config: Path, kinds: tuple[str, ...]) -> Table:
     """(setting, variant) -> per seed, each reading's factor (the variant's reading over the plain one's), on the
-    sweeps of `kind`: "sweep" (the user's sweep, its knobs changed) or "fine" (the fine sweep around it)."""
-    table: dict[tuple[str, str], list[tuple[int, dict[str, float]]]] = {}
+    sweeps of `kinds`: ("sweep",) the user's sweep, its knobs changed, ("fine",) the fine sweep around it,
+    ("fine2",) the second fine sweep around the first's lowest loss; several kinds: the geometric mean of their
+    readings."""
+    table: Table = {}
     variants = [v.name for v in read_bench(config).variants]
+
+    def read(done: dict[str, dict], seed: int, variant: str) -> dict[str, float] | None:
+        names = [f"{kind}-s{seed}" + (f"-{variant}" if variant else "") for kind in kinds]
+        if not all(n in done for n in names):
+            return None
+        curves = [(np.asarray(done[n]["curve"]["lr"]), np.asarray(done[n]["curve"]["loss"])) for n in names]
+        return {k: statistics.geometric_mean(reading(*c) for c in curves) for k, reading in READINGS.items()}
+
     for setting, done in load_results(out).items():
         for _, result in sorted(done.items()):
-            if result["kind"] != kind or not result.get("variant"):
+            if result["kind"] != kinds[0] or not result.get("variant"):
                 continue
-            plain = done.get(f"{kind}-s{result['seed']}")
-            if plain is None:
+            pair = read(done, result["seed"], result["variant"]), read(done, result["seed"], "")
+            if None in pair:
                 continue
-            curves = [(np.asarray(r["curve"]["lr"]), np.asarray(r["curve"]["loss"])) for r in (result, plain)]
-            row = {k: read(*curves[0]) / read(*curves[1]) for k, read in READINGS.items()}
+            row = {k: pair[0][k] / pair[1][k] for k in READINGS}
             table.setdefault((setting, result["variant"]), []).append((result["seed"], row))
     return dict(sorted(table.items(), key=lambda kv: (variants.index(kv[0][1]), kv[0][0])))
 
@@ -114,7 +125,7 @@ def either_way(factor: float) -> float:
     return math.exp(abs(math.log(factor)))
 
 
-def report(table: dict[tuple[str, str], list[tuple[int, dict[str, float]]]], rounding: set[str]) -> str:
+def report(table: Table, rounding: set[str]) -> str:
     """Per knob and setting, each reading's geometric mean factor over the seeds (the range of the seeds'
     factors in brackets); then each reading's worst geometric mean over the knobs, over the rounding variants,
     and its worst single seed."""
@@ -154,7 +165,8 @@ def main() -> None:
     bench = read_bench(args.config)
     # the variants that change no lr_finder key change float rounding alone
     rounding = {v.name for v in bench.variants if not any(k.startswith("lr_finder.") for k in v.overrides | v.times)}
-    sections = {f"knobs_{kind}": report(factors(args.out, args.config, kind), rounding) for kind in ("sweep", "fine")}
+    kinds = {"sweep": ("sweep",), "fine": ("fine",), "fine2": ("fine2",), "fine_mean": ("fine", "fine2")}
+    sections = {f"knobs_{name}": report(factors(args.out, args.config, k), rounding) for name, k in kinds.items()}
     print("\n\n".join(sections.values()))
     if args.page:
         refresh_page(args.page, sections)

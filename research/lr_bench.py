@@ -12,8 +12,10 @@ processes lose less to a busy core than one two-thread process), and writes one 
 A rerun skips what is there, so a killed benchmark keeps every finished job; what is planned next depends on
 what has finished (a grid grows past an edge that holds its best mean, a noisy best point gets more seeds).
 
-research/lr_report.py turns those files into the tables and plots of docs/lr-finder.md, and fits the default
-rule's constants on them (it imports this module; this one never imports it).
+The jobs run through research.jobs, the harness research/study.py runs on too: its data cache, its child
+processes, its result files. research/lr_report.py turns those files into the tables and plots of
+docs/lr-finder.md, and fits the default rule's constants on them (it imports this module; this one never imports
+it).
 """
 
 from __future__ import annotations
@@ -22,17 +24,18 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from onecycle import outputs
 from onecycle.config import LRFinderParams, Params, parse_params, read_yaml
 from onecycle.errors import UserError
+from research import jobs
 from scripts.experiments import apply_overrides, git_commit, tool_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +43,7 @@ CONFIG = Path(__file__).with_name("lr_bench.yaml")
 NOISY = 0.5  # points of test accuracy: a best grid point whose seeds' standard error is this or more gets seeds
 MAX_SEEDS = 4  # seeds of a setting, at most (then the page says how noisy it stayed)
 MAX_GROWTH = 3  # grid points added past each edge, at most
+SWEEPS = ("sweep", "fine", "fine2")  # the job kinds that sweep, not train
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,8 @@ class Variant:
 @dataclass(frozen=True)
 class Job:
     setting: str
-    kind: str  # "sweep" (a range test), "fine" (lr_finder's fine sweep around a sweep's lowest loss), "train" (a
+    kind: str  # "sweep" (a range test), "fine" (lr_finder's fine sweep around a sweep's lowest loss), "fine2" (the
+    # same design again, around the fine sweep's lowest loss), "train" (a
     # grid point's LRMAX) or "found" (the pick on that seed's sweep)
     seed: int
     lr_max: float | None = None
@@ -86,7 +91,7 @@ class Job:
 
     @property
     def name(self) -> str:
-        if self.kind in ("sweep", "fine"):
+        if self.kind in SWEEPS:
             return f"{self.kind}-s{self.seed}" + (f"-{self.variant}" if self.variant else "")
         if self.kind == "found":  # its LRMAX in the name: the same sweep picked under other constants is another job
             return f"found-{self.rule}-{self.lr_max:.6g}-s{self.seed}"
@@ -101,6 +106,7 @@ class Bench:
     variants: tuple[Variant, ...]
     fine: str = ""  # fine sweeps (lr_finder.fine_sweep) after: "plain" the plain sweeps, "all" every sweep, "" none
     found: tuple[str, ...] = ()  # rules whose found ranges are trained too, beside each setting's own pick
+    fine2: bool = False  # and a second fine sweep after each fine one (`fine2`), around its lowest loss
 
     def setting(self, name: str) -> Setting:
         return next(s for s in self.settings if s.name == name)
@@ -125,7 +131,8 @@ def read_bench(path: Path = CONFIG) -> Bench:
         for v in raw.get("variants") or ()
     )
     found = tuple(raw.get("found") or ())
-    return Bench(raw.get("set") or {}, tuple(raw["seeds"]), settings, variants, raw.get("fine") or "", found)
+    fine, fine2 = raw.get("fine") or "", bool(raw.get("fine2"))
+    return Bench(raw.get("set") or {}, tuple(raw["seeds"]), settings, variants, fine, found, fine2)
 
 
 def setting_params(
@@ -147,14 +154,6 @@ def training_steps(params: Params) -> int:
 
     images = params.data.train_limit or 50_000  # CIFAR-10's training set when not limited
     return params.train.epochs * schedules.steps_per_epoch(images, params.train.batch_size)
-
-
-def fine_finder(finder: LRFinderParams, sweep: dict) -> LRFinderParams:
-    """The fine sweep's design (lr_finder.fine_params) around the lowest loss of `sweep`, a finished sweep job's
-    result swept with `finder`: what lr_finder.fine_sweep runs after that sweep."""
-    from onecycle import lr_finder, picks
-
-    return lr_finder.fine_params(finder, picks.lowest_loss_lr(sweep_from(sweep["curve"], finder, 0)))
 
 
 def sweep_from(curve: dict, finder: LRFinderParams, train_steps: int):
@@ -276,83 +275,34 @@ def plan(bench: Bench, results: dict[str, dict[str, dict]]) -> list[Job]:
             for r in results.get(s.name, {}).values():
                 if r["kind"] == "sweep" and (bench.fine == "all" or not r.get("variant")):
                     jobs.append(Job(s.name, "fine", r["seed"], variant=r.get("variant", "")))
+                if r["kind"] == "fine" and bench.fine2:
+                    jobs.append(Job(s.name, "fine2", r["seed"], variant=r.get("variant", "")))
     return jobs
 
 
-def data_folder(params: Params, cache: Path) -> Path:
-    """The folder `data.prepare` writes for this data section (as download_cifar), made once."""
-    from onecycle import data
-
-    section = json.dumps(dataclasses.asdict(params.data), sort_keys=True)
-    folder = cache / hashlib.sha256(section.encode()).hexdigest()[:16]
-    if not (folder / "meta.json").exists():
-        data.prepare(params.data, folder, progress=False)
-    return folder
-
-
-def run_job(payload: dict) -> dict:
-    """One job in this process: the sweep's curve, or the trained grid point's test accuracy on every test image."""
-    import torch
-
-    from onecycle import batches, data, lr_finder, training
-    from onecycle.model import build_model
-    from scripts.measure import device_name
-
-    torch.set_num_threads(payload["threads"])
-    params = parse_params(payload["params"])
-    dataset = data.load(Path(payload["data"]))
-    device = torch.device("cpu")
-    start = time.perf_counter()
-    result: dict[str, Any] = {"device": device_name(device), "threads": payload["threads"], "torch": torch.__version__}
-    if payload["kind"] in ("sweep", "fine"):
-        if payload["kind"] == "fine":
-            params = dataclasses.replace(params, lr_finder=fine_finder(params.lr_finder, payload["base"]))
-        curve, found = lr_finder.find_range(params, dataset, device, progress=False)
-        result |= {
-            "curve": {"lr": curve.lr, "loss": curve.loss, "accuracy": curve.accuracy},
-            "stop_reason": curve.stop_reason,
-            "images_seen": curve.images_seen,
-            "found": found.as_dict(curve, len(dataset.train.labels)),
-            "lr_finder": dataclasses.asdict(params.lr_finder),  # the fine sweep's design, as it ran
-        }
-    else:
-        lr_max = payload["lr_max"]
-        torch.manual_seed(params.train.seed)
-        model = build_model(params.model)
-        # fit evaluates after every epoch: on one image here, and the final model below on every test image
-        one = data.Split(dataset.test.images[:1], dataset.test.labels[:1])
-        try:
-            training.fit(model, dataclasses.replace(dataset, test=one), params, lr_max / params.lr_finder.min_div,
-                         lr_max, device, progress=False)  # fmt: skip
-            options = training.StepOptions.of(params.train, device)
-            test = batches.EvalSet(dataset.test, dataset.mean, dataset.std, device)
-            test_loss, correct, total = training.evaluate(model, test.batches(1024), options)
-            result |= {"test_acc": 100 * correct / total, "test_loss": test_loss, "test_images": total}
-        except training.Diverged as exc:  # too high an LR: a finding, scored as chance
-            result |= {"test_acc": 10.0, "test_loss": float("nan"), "diverged": str(exc)}
-    return result | {"seconds": time.perf_counter() - start}
-
-
-def child(path: Path) -> None:
-    from onecycle import outputs
-
-    payload = json.loads(path.read_text())
-    result = run_job(payload)
-    outputs.write_json(Path(payload["result"]), payload["record"] | result)
-
-
-def alive(marker: Path) -> bool:
-    """Whether the job process whose pid `marker` holds still runs (a rerun leaves it to finish)."""
-    try:
-        os.kill(int(marker.read_text()), 0)
-    except (OSError, ValueError):
-        return False
-    return True
+def payload_of(bench: Bench, job: Job, data_set: dict, results: dict, out: Path, cache: Path, commit: str) -> dict:
+    """The job as research.jobs runs it: its params, its data folder, what it sweeps around, its record."""
+    setting = bench.setting(job.setting)
+    variant = next((v for v in bench.variants if v.name == job.variant), Variant("", ()))
+    plain = setting_params(bench, setting, data_set, job.seed)[0]
+    raw, params = setting_params(bench, setting, data_set, job.seed, variant.applied(plain))
+    record = dataclasses.asdict(job) | {"overrides": setting.overrides, "commit": commit, "env": variant.env}
+    record |= {"variant_overrides": variant.applied(plain), "compare": variant.compare}
+    under = {"fine": "sweep", "fine2": "fine"}.get(job.kind)  # the sweep whose lowest loss centres this one
+    around = results.get(job.setting, {}).get(f"{under}-s{job.seed}" + (f"-{job.variant}" if job.variant else ""))
+    return {
+        "work": "sweep" if job.kind in SWEEPS else "train",
+        "params": raw,
+        "data": str(jobs.data_folder(params, cache)[0]),
+        "around": around if under else None,
+        "lr_max": job.lr_max,
+        "test_every_epoch": False,  # a grid reads the final accuracy alone
+        "record": record,
+        "result": str(out / job.setting / f"{job.name}.json"),
+    }
 
 
 def run(args: argparse.Namespace) -> None:
-    from onecycle import outputs
-
     if not Path(args.archive).is_file():
         raise UserError(f"--archive {args.archive}: no such file")
     md5 = hashlib.md5(Path(args.archive).read_bytes()).hexdigest()
@@ -360,63 +310,30 @@ def run(args: argparse.Namespace) -> None:
     bench = read_bench(args.config)
     for s in bench.settings:
         setting_params(bench, s, data_set, 0)  # every setting's params checked before any work
-    cache, out = args.cache, args.out
     found = git_commit(ROOT)
     commit = found["commit"] + ("+uncommitted" if found.get("uncommitted_changes") else "")
-    running: dict[str, tuple[subprocess.Popen, Job, float]] = {}
+    pool = jobs.Pool(args.workers, args.cache / "logs")
     began = time.perf_counter()
     while True:
-        results = load_results(out)
+        results = load_results(args.out)
         waiting = [
             j
             for j in dict.fromkeys(plan(bench, results))
-            if j.name not in results.get(j.setting, {})
-            and f"{j.setting}/{j.name}" not in running
-            and not (out / j.setting / f"{j.name}.failed").exists()  # look at its log; delete the file to retry
-            and not alive(out / j.setting / f"{j.name}.running")  # a child a killed scheduler left running
-            and (not args.kinds or j.kind in args.kinds)
+            if (not args.kinds or j.kind in args.kinds) and pool.pending(args.out / j.setting / f"{j.name}.json")
         ]
-        while waiting and len(running) < args.workers:
-            job = waiting.pop(0)
-            setting = bench.setting(job.setting)
+        for job in waiting[: max(args.workers - len(pool.running), 0)]:
+            payload = payload_of(bench, job, data_set, results, args.out, args.cache, commit)
             variant = next((v for v in bench.variants if v.name == job.variant), Variant("", ()))
-            plain = setting_params(bench, setting, data_set, job.seed)[0]
-            raw, params = setting_params(bench, setting, data_set, job.seed, variant.applied(plain))
-            folder = out / job.setting
-            folder.mkdir(parents=True, exist_ok=True)
-            payload_path = cache / f"{job.setting}-{job.name}.payload.json"
-            record = dataclasses.asdict(job) | {"overrides": setting.overrides, "commit": commit, "env": variant.env}
-            record |= {"variant_overrides": variant.applied(plain), "compare": variant.compare}
-            base = results.get(job.setting, {}).get(f"sweep-s{job.seed}" + (f"-{job.variant}" if job.variant else ""))
-            payload = {
-                "base": base if job.kind == "fine" else None,  # the sweep whose lowest loss centres the fine one
-                "params": raw,
-                "data": str(data_folder(params, cache)),
-                "kind": job.kind,
-                "lr_max": job.lr_max,
-                "threads": variant.threads,
-                "record": record,
-                "result": str(folder / f"{job.name}.json"),
-            }
-            payload_path.write_text(json.dumps(payload))
-            env = os.environ | variant.env | {"OMP_NUM_THREADS": str(variant.threads)}
-            log = (cache / f"{job.setting}-{job.name}.log").open("w")
-            command = [sys.executable, "-m", "research.lr_bench", "child", str(payload_path)]
-            process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-            running[f"{job.setting}/{job.name}"] = (process, job, time.perf_counter())
-            (folder / f"{job.name}.running").write_text(str(process.pid))
+            pool.start(payload, variant.env | {"OMP_NUM_THREADS": str(variant.threads)})
             print(f"[{time.perf_counter() - began:6.0f} s] start {job.setting}/{job.name}", flush=True)
-        if not running:
+        if not pool.running:
             break
-        time.sleep(1)
-        for key, (process, _job, started) in list(running.items()):
-            if process.poll() is not None:
-                del running[key]
-                (out / f"{key}.running").unlink(missing_ok=True)
-                status = "done" if process.returncode == 0 else f"FAILED ({process.returncode}; log in {cache})"
-                print(f"[{time.perf_counter() - began:6.0f} s] {status} {key} in {time.perf_counter() - started:.0f} s")
-                if process.returncode != 0:
-                    outputs.write_json(out / f"{key}.failed", {"returncode": process.returncode})
+        for result, status, seconds in pool.finished():
+            key = f"{result.parent.name}/{result.stem}"
+            if status != 0:
+                outputs.write_json(result.with_suffix(".failed"), {"returncode": status})
+            said = "done" if status == 0 else f"FAILED ({status}; log in {pool.log(result)})"
+            print(f"[{time.perf_counter() - began:6.0f} s] {said} {key} in {seconds:.0f} s", flush=True)
     print(f"all planned jobs done in {time.perf_counter() - began:.0f} s")
 
 
@@ -437,16 +354,15 @@ def fine_h200(args: argparse.Namespace) -> None:
     curve = {"lr": [r[1] for r in rows], "loss": [r[2] for r in rows], "accuracy": [r[4] for r in rows]}
     result = ROOT / args.out / "w64_full" / "fine-s0.json"
     result.parent.mkdir(parents=True, exist_ok=True)
+    around = {"curve": curve, "stop_reason": "finished", "images_seen": 0}
     payload = {
-        "params": raw, "data": str(data_folder(parse_params(raw), args.cache)), "kind": "fine", "lr_max": None,
-        "base": {"curve": curve}, "threads": args.threads, "result": str(result),
+        "work": "sweep", "params": raw, "data": str(jobs.data_folder(parse_params(raw), args.cache)[0]),
+        "around": around, "result": str(result),
         "record": {"setting": "w64_full", "kind": "fine", "seed": 0, "variant": "", "overrides": overrides,
                    "base": "the H200 record's default sweep", "commit": git_commit(ROOT)["commit"]},
     }  # fmt: skip
-    path = args.cache / "w64_full-fine.payload.json"
-    path.write_text(json.dumps(payload))
-    env = os.environ | {"OMP_NUM_THREADS": str(args.threads)}
-    subprocess.run([sys.executable, "-m", "research.lr_bench", "child", str(path)], cwd=ROOT, env=env, check=True)
+    torch.set_num_threads(args.threads)
+    outputs.write_json(result, payload["record"] | jobs.work(payload))
     print(f"wrote {result}")
 
 
@@ -460,17 +376,14 @@ def main() -> None:
     go.add_argument("--config", type=Path, default=CONFIG)
     go.add_argument("--cache", type=Path, default=Path("/tmp/lr_bench"), help="decoded data, job payloads, logs")
     go.add_argument("--workers", type=int, default=2)
-    go.add_argument("--kinds", nargs="+", choices=("sweep", "fine", "train", "found"), help="only these jobs' kinds")
-    sub.add_parser("child", help=argparse.SUPPRESS).add_argument("payload", type=Path)
+    go.add_argument("--kinds", nargs="+", choices=(*SWEEPS, "train", "found"), help="only these jobs' kinds")
     h200 = sub.add_parser("fine-h200", help="the fine sweep around the H200 record's sweep, on this machine")
     h200.add_argument("--archive", required=True, help="the full CIFAR-10 binary archive (a local file)")
     h200.add_argument("--out", type=Path, default=ROOT / "docs/results/lr_bench")
     h200.add_argument("--cache", type=Path, default=Path("/tmp/lr_bench"))
     h200.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    if args.command == "child":
-        child(args.payload)
-    elif args.command == "fine-h200":
+    if args.command == "fine-h200":
         args.cache.mkdir(parents=True, exist_ok=True)
         fine_h200(args)
     else:

@@ -17,8 +17,9 @@ No setting at all: the params as they are, one setting named "params".
 
 Each run does what the stages do, without MLflow: `data.load` of the folder `data.prepare` wrote (as
 download_cifar; once per distinct data section, kept in --cache), `lr_finder.find_range` (as lr_range_test),
-then `build_model` and `training.fit` (as train_one_cycle). All runs share this one warm process, or with
---fresh each runs in a Python process of its own, as `dvc repro` runs a stage, and its set-up (interpreter
+then `build_model` and `training.fit` (as train_one_cycle), through research.jobs, the harness that
+research/lr_bench.py runs on too. All runs share this one warm process, or with --fresh each runs in a Python
+process of its own, as `dvc repro` runs a stage, and its set-up (interpreter
 and imports, CUDA context, data load) is timed apart. Runs go seed by seed through the settings (seed 0 of
 every setting, then seed 1, ...), so that a deadline cut leaves every setting some seeds. A run whose
 estimated time (the mean of its setting's finished runs, else of all finished runs) would end after
@@ -55,12 +56,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -72,12 +71,13 @@ from typing import Any
 
 import torch
 
-from onecycle import data, distributed, lr_finder, outputs, training
+from onecycle import data, distributed, outputs, training
 from onecycle.config import Params, parse_params, read_yaml
 from onecycle.errors import UserError
 from onecycle.model import build_model
+from research import jobs
 from scripts.experiments import apply_overrides, git_commit, parse_override, read_params, seeds_summary, tool_main
-from scripts.measure import device_name, flop_rate, matmul_tflops, sync
+from scripts.measure import device_name, matmul_tflops, sync
 
 SPECIAL_KEYS = ("lr_max", "seeds")
 
@@ -200,117 +200,35 @@ def plan_runs(base: dict, shared: dict, settings: list[Setting], default_seeds: 
     return order
 
 
-def data_folder(params: Params, cache: Path) -> tuple[Path, float]:
-    """The folder data.prepare wrote for this data section (made now if missing) and the seconds it took."""
-    section = json.dumps(dataclasses.asdict(params.data), sort_keys=True)
-    folder = cache / hashlib.sha256(section.encode()).hexdigest()[:16]
-    start = time.perf_counter()
-    if not (folder / "meta.json").exists():  # data.prepare writes the folder whole or not at all
-        data.prepare(params.data, folder, progress=False)
-    return folder, time.perf_counter() - start
-
-
-def execute(params: Params, lr_max: float | None, dataset: data.Dataset, device: torch.device, peaks: dict) -> dict:
-    """One run as the stages make it: the range test unless lr_max is given, then the model and training.fit."""
-    result: dict[str, Any] = {"lr_found": lr_max is None}
-    n_images = len(dataset.train.labels)
-    if lr_max is None:
-        start = time.perf_counter()
-        curve, found = lr_finder.find_range(params, dataset, device, progress=False)
-        sync(device)
-        result["range_test"] = found.as_dict(curve, n_images) | {
-            "seconds": time.perf_counter() - start,
-            "columns": list(lr_finder.CSV_COLUMNS),
-            "curve": curve.rows(),
-        }
-        lr_min, lr_max = found.lr_min, found.lr_max
-    else:
-        lr_min = lr_max / params.lr_finder.min_div
-    torch.manual_seed(params.train.seed)
-    model = build_model(params.model)
-    sync(device)
-    start = time.perf_counter()
-    history = training.fit(model, dataset, params, lr_min, lr_max, device, progress=False)
-    sync(device)
-    seconds = time.perf_counter() - start
-    best = max(history, key=lambda r: r.test_acc)
-    epoch_seconds = sorted(r.seconds for r in history)
-    result |= {
-        "lr_min": lr_min,
-        "lr_max": lr_max,
-        "test_acc": history[-1].test_acc,  # percent, after the last epoch
-        "train_acc": history[-1].train_acc,  # augmented, over the last epoch, as trained
-        "best_test_acc": best.test_acc,
-        "best_epoch": best.epoch,
-        "fit_seconds": seconds,  # training.fit: training and per-epoch evaluation, warm-ups included
-        "first_epoch_seconds": history[0].seconds,
-        "median_epoch_seconds": epoch_seconds[len(epoch_seconds) // 2],
-        "history": [dataclasses.asdict(r) for r in history],
+def payload_of(run: Run, folder: Path, result: Path, peaks: dict) -> dict:
+    """The run as research.jobs runs it: a training, from its setting's lr_max or from the range it finds."""
+    return {
+        "work": "train",
+        "params": run.raw,
+        "data": str(folder),
+        "lr_max": run.setting.lr_max,
+        "peaks": peaks,
+        "result": str(result),
     }
-    if peaks:  # training images x epochs over the whole fit, evaluation included
-        result |= flop_rate(n_images * params.train.epochs, seconds, params.model.width, peaks)
-    return result
-
-
-def child(payload_path: Path) -> int:
-    """One run in this fresh process (--fresh): its result, or its error, to the file the payload names."""
-    payload = json.loads(payload_path.read_text())
-    out = Path(payload["result"])
-    try:
-        imported = time.time() - payload["spawned_at"]  # interpreter start and imports, on the same clock
-        params = parse_params(payload["params"])
-        device = distributed.resolve_device(params.train.device)
-        start = time.perf_counter()
-        if device.type == "cuda":
-            torch.zeros(1, device=device)  # the CUDA context, timed apart from the first epoch
-            sync(device)
-        context = time.perf_counter() - start
-        start = time.perf_counter()
-        dataset = data.load(Path(payload["data"]))
-        setup = {
-            "imports_seconds": imported,
-            "cuda_context_seconds": context,
-            "data_load_seconds": time.perf_counter() - start,
-            "setup_seconds": time.time() - payload["spawned_at"],  # process start to the run's first step
-        }
-        result = execute(params, payload["lr_max"], dataset, device, payload["peaks"]) | {"setup": setup}
-        result["device"] = device_name(device)
-    except Exception as exc:
-        text = str(exc) if isinstance(exc, UserError) else traceback.format_exc()[-3000:]
-        outputs.write_json(out, {"error": text})
-        return 1
-    outputs.write_json(out, result)
-    return 0
 
 
 def run_fresh(run: Run, folder: Path, workdir: Path, peaks: dict, timeout: float) -> dict:
-    """Run `run` in a new Python process; its result, with process_seconds measured from here."""
-    result_path = workdir / "result.json"
-    result_path.unlink(missing_ok=True)
-    payload = {
-        "params": run.raw,
-        "lr_max": run.setting.lr_max,
-        "data": str(folder),
-        "peaks": peaks,
-        "result": str(result_path),
-        "spawned_at": time.time(),
-    }
-    payload_path = workdir / "payload.json"
-    payload_path.write_text(json.dumps(payload))
-    start = time.perf_counter()
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "research.study", "--child", str(payload_path)],
-            stderr=subprocess.PIPE, text=True, timeout=max(timeout, 1.0) if timeout < float("inf") else None,
-        )  # fmt: skip
-    except subprocess.TimeoutExpired:
-        return {"error": f"stopped at the deadline after {time.perf_counter() - start:.0f} s"}
-    seconds = time.perf_counter() - start
-    if done.stderr:
-        print(done.stderr, end="", file=sys.stderr, flush=True)
-    if not result_path.exists():
-        return {"error": f"the process exited with {done.returncode} and no result: {done.stderr[-2000:]}"}
-    return json.loads(result_path.read_text()) | {"process_seconds": seconds}
+    """`run` in a new Python process (research.jobs.Pool); its result, with process_seconds measured from here."""
+    result = workdir / "result.json"
+    result.unlink(missing_ok=True)
+    pool = jobs.Pool(1, workdir / "logs")
+    pool.start(payload_of(run, folder, result, peaks), timeout=timeout)
+    while not (ended := pool.finished()):
+        pass
+    _, status, seconds = ended[0]
+    log = pool.log(result).read_text()
+    if log:
+        print(log, end="", file=sys.stderr, flush=True)
+    if status == -9:
+        return {"error": f"stopped at the deadline after {seconds:.0f} s"}
+    if not result.exists():
+        return {"error": f"the process exited with {status} and no result: {log[-2000:]}"}
+    return json.loads(result.read_text()) | {"process_seconds": seconds}
 
 
 def profile(params: Params, lr_min: float, lr_max: float, dataset: data.Dataset, device: torch.device) -> str:
@@ -438,7 +356,7 @@ def study(args: argparse.Namespace) -> int:
         cache = Path(args.cache) if args.cache else Path(tmp) / "data"
         folders, datasets = {}, {}
         for run in runs:
-            folder, seconds = data_folder(run.params, cache)
+            folder, seconds = jobs.data_folder(run.params, cache)
             if folder not in folders.values():
                 meta = json.loads((folder / "meta.json").read_text())
                 results["data"][folder.name] = {
@@ -475,13 +393,13 @@ def study(args: argparse.Namespace) -> int:
                 result = run_fresh(run, folder, Path(tmp), peaks, left())
             else:
                 try:
-                    device = distributed.resolve_device(run.params.train.device)
                     if folder not in datasets:
                         datasets[folder] = data.load(folder)
-                    result = execute(run.params, run.setting.lr_max, datasets[folder], device, peaks)
-                    result["device"] = device_name(device)
+                    result = jobs.work(payload_of(run, folder, Path(tmp) / "unused.json", peaks), datasets[folder])
                 except Exception as exc:  # one failed run is a finding; the others still run
                     result = {"error": str(exc) if isinstance(exc, UserError) else traceback.format_exc()[-3000:]}
+            if "diverged" in result:  # the benchmark's finding is this study's failed run
+                result = {"error": result["diverged"]}
             wall = time.perf_counter() - start
             status = "failed" if "error" in result else "ok"
             record |= {"status": status, "wall_seconds": wall} | result
@@ -539,10 +457,7 @@ def main() -> int:
     parser.add_argument("--peak", action="store_true", help="measure the matmul peak and each run's FLOP rate")
     parser.add_argument("--datasheet-tflops", type=float, help="also compare to this peak (H200 dense bf16: 989)")
     parser.add_argument("--profile", type=Path, help="write a torch.profiler table of two epochs here")
-    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        return child(args.child)
     if not args.out:
         parser.error("--out is required")
     return study(args)

@@ -8,13 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from onecycle import picks
+from onecycle import lr_finder, picks
+from onecycle.config import LRFinderParams
 from research import lr_bench, lr_report
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = """
 set: {augment.backend: tensor}
 seeds: [0]
+fine: plain
+fine2: true
 settings:
   - name: tiny
     set: {data.train_limit: 256, model.width: 4, train.batch_size: 64, train.epochs: 2, train.peak_epoch: 1,
@@ -31,6 +34,12 @@ def bench(*args: str, module: str = "research.lr_bench") -> subprocess.Completed
     return done
 
 
+def curve_of(result: dict) -> lr_finder.Curve:
+    lr, loss, accuracy = (result["curve"][k] for k in ("lr", "loss", "accuracy"))
+    smoothed = [lr_finder.smooth(v, LRFinderParams().smooth_beta) for v in (loss, accuracy)]
+    return lr_finder.Curve(lr, loss, smoothed[0], accuracy, smoothed[1], result["stop_reason"], result["images_seen"])
+
+
 def test_the_benchmark_runs_each_job_once_resumes_and_reports_every_rule(tmp_path, small_archive):
     config, out, cache = tmp_path / "bench.yaml", tmp_path / "out", tmp_path / "cache"
     config.write_text(CONFIG)
@@ -44,6 +53,11 @@ def test_the_benchmark_runs_each_job_once_resumes_and_reports_every_rule(tmp_pat
     assert all(r["test_images"] == 200 and 0 <= r["test_acc"] <= 100 and r["threads"] == 1 for r in trained)
     sweep = json.loads((out / "tiny" / "sweep-s0.json").read_text())
     assert len(sweep["curve"]["lr"]) == len(sweep["curve"]["loss"]) > 2
+    # the fine sweep around the sweep's lowest loss, and the second one around the fine one's, as the library sets them
+    fine, fine2 = (json.loads((out / "tiny" / f"{kind}-s0.json").read_text()) for kind in ("fine", "fine2"))
+    for around, inner in ((sweep, fine), (fine, fine2)):
+        design = lr_finder.fine_params(LRFinderParams(), lr_finder.fine_anchor(curve_of(around), LRFinderParams()))
+        assert inner["lr_finder"]["start_lr"] == design.start_lr and len(inner["curve"]["lr"]) == lr_finder.FINE_STEPS
 
     # a rerun does nothing; a lost result is the one job it runs again
     assert " start " not in bench("run", "--archive", str(small_archive[0]), "--cache", str(cache), *common).stdout

@@ -4,6 +4,7 @@ train.ema_decay): what each one does to the model, the optimizer, the loss and t
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -155,3 +156,19 @@ def test_the_range_test_sweeps_with_the_training_loss():
     sweep = lr_finder.LRFinderParams(num_iter=5)
     curve = lr_finder.range_test(model, optimizer, iter([(x, y)] * 5), sweep, options=options, progress=False)
     assert curve.loss[0] == pytest.approx(expected, rel=1e-6)  # the first step: the untrained model's loss
+
+
+def test_testing_the_last_epoch_only_trains_the_same_and_gives_the_same_final_accuracy(tiny_archive):
+    every, every_history, params = fit_tiny(tiny_archive, epochs=3)
+    dataset = data.decode_archive(tiny_archive[0], params.data)
+    torch.manual_seed(0)
+    last = build_model(params.model)
+    last_history = training.fit(last, dataset, params, 0.02, 0.2, CPU, progress=False, test_every_epoch=False)
+    # the research tools' option: the same steps, the final test alone (earlier epochs' test figures are NaN)
+    assert [r.train_loss for r in last_history] == [r.train_loss for r in every_history]
+    assert (last_history[-1].test_acc, last_history[-1].test_loss) == (
+        every_history[-1].test_acc,
+        every_history[-1].test_loss,
+    )
+    assert all(math.isnan(r.test_acc) and math.isnan(r.test_loss) for r in last_history[:-1])
+    assert all(torch.equal(a, b) for a, b in zip(last.state_dict().values(), every.state_dict().values(), strict=True))

@@ -71,10 +71,9 @@ def test_a_warm_study_runs_every_setting_and_seed_and_summarises_them(warm):
     found = [r for r in runs if r["setting"] == "found"]
     assert {r["seed"] for r in found} == {0, 1}
     for r in found:  # the range test ran first, and training used the range it found
-        assert r["lr_found"] is True and r["lr_max"] == r["range_test"]["lr_max"]
+        assert r["lr_found"] is True and r["lr_max"] == r["range_test"]["found"]["lr_max"]
         assert r["lr_max"] / r["lr_min"] == pytest.approx(10)  # lr_finder.min_div of params.yaml
-        assert len(r["range_test"]["curve"]) == r["range_test"]["iterations"] > 2
-        assert r["range_test"]["columns"][:2] == ["iteration", "lr"]
+        assert len(r["range_test"]["curve"]["loss"]) == r["range_test"]["found"]["iterations"] > 2
 
     given = runs[1]  # lr_max and the overrides reached training: it ends at LRMIN = 0.05 / 5 and momentum 0.9
     assert given["lr_found"] is False and "range_test" not in given

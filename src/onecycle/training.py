@@ -47,8 +47,12 @@ class EpochRecord:
         return (
             f"epoch {self.epoch:>2}/{epochs}  lr {self.lr:.5f}  momentum {self.momentum:.4f}  "
             f"train loss {self.train_loss:.4f} acc {self.train_acc:.2f}%  "
-            f"test loss {self.test_loss:.4f} acc {self.test_acc:.2f}% ({test_correct}/{test_total})  "
-            f"{self.seconds:.1f} s"
+            + (
+                f"test loss {self.test_loss:.4f} acc {self.test_acc:.2f}% ({test_correct}/{test_total})  "
+                if test_total  # this epoch was evaluated
+                else ""
+            )
+            + f"{self.seconds:.1f} s"
         )
 
 
@@ -228,6 +232,7 @@ def fit(
     extra: dict | None = None,
     on_epoch: Callable[[EpochRecord], None] | None = None,
     progress: bool = True,
+    test_every_epoch: bool = True,
 ) -> list[EpochRecord]:
     """Train `model` for train.epochs with the One Cycle Policy between lr_min and lr_max.
 
@@ -237,6 +242,8 @@ def fit(
     `on_epoch(record)` is called after each epoch (tracking). Under torchrun (`group`), every process trains
     on its shard of each batch and rank 0 alone evaluates, prints, checkpoints and calls `on_epoch`; the
     history is returned on rank 0 (empty elsewhere).
+    `test_every_epoch=False` evaluates the last epoch alone (the others' test_loss and test_acc are NaN): for a
+    study that reads the final accuracy only, the per-epoch evaluation is arithmetic it throws away.
     """
     train = params.train
     n_images = len(dataset.train.labels)
@@ -289,11 +296,15 @@ def fit(
         loss_sum, correct_sum, seen = distributed.all_sum(list(sums), group, device)
         if group.is_main:
             evaluated = ema.module if ema else model
-            test_loss, correct, total = evaluate(evaluated, test.batches(train.batch_size), options)
+            if test_every_epoch or epoch == train.epochs:
+                test_loss, correct, total = evaluate(evaluated, test.batches(train.batch_size), options)
+            else:
+                test_loss, correct, total = float("nan"), 0, 0
             lr, momentum = schedule[first_step + steps - 1]
             seconds = time.perf_counter() - start
             train_loss, train_acc = loss_sum / seen, 100 * correct_sum / seen
-            record = EpochRecord(epoch, lr, momentum, train_loss, train_acc, test_loss, 100 * correct / total, seconds)
+            test_acc = 100 * correct / total if total else float("nan")
+            record = EpochRecord(epoch, lr, momentum, train_loss, train_acc, test_loss, test_acc, seconds)
             history.append(record)
             print(record.line(train.epochs, correct, total), flush=True)
             if on_epoch:
