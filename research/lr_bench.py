@@ -186,12 +186,13 @@ def found_jobs(bench: Bench, setting: Setting, done: dict[str, dict], seeds) -> 
     jobs = []
     for rule in dict.fromkeys([params.lr_finder.pick, *bench.found]):
         for seed in seeds:
-            sweep, fine = done.get(f"sweep-s{seed}"), done.get(f"fine-s{seed}")
-            if not sweep or (picks.RULES[rule].needs_fine and not fine):
+            sweep, fine = done.get(f"sweep-s{seed}"), [done.get(f"{kind}-s{seed}") for kind in ("fine", "fine2")]
+            if not sweep or (picks.RULES[rule].needs_fine and not all(fine)):  # lr_finder.FINE_ROUNDS: 2
                 continue
             read = sweep_from(sweep["curve"], params.lr_finder, steps)
-            if fine:
-                read = dataclasses.replace(read, fine=sweep_from(fine["curve"], LRFinderParams(**fine["lr_finder"]), 0))
+            if all(fine):
+                rounds = [sweep_from(r["curve"], LRFinderParams(**r["lr_finder"]), 0) for r in fine]
+                read = dataclasses.replace(read, fine=dataclasses.replace(rounds[0], fine=rounds[1]))
             if lr := picks.RULES[rule].pick(read):
                 jobs.append(Job(setting.name, "found", seed, lr, rule=rule))
     return jobs
@@ -343,7 +344,8 @@ H200 = ROOT / "docs/results/h200_gpu_run.json"  # the spec's setting (w64_full):
 def fine_h200(args: argparse.Namespace) -> None:
     """The fine sweep around the H200 record's default sweep, on this machine, with that record's params (width 64,
     all 50,000 images, tensor augmentation, bf16 as on the GPU): what the `fine` rule reads at the spec's setting,
-    until a GPU sweeps it. Written to --out/w64_full/fine-s0.json, where lr_report finds it."""
+    until a GPU sweeps it. Written to --out/w64_full/fine-s0.json, where lr_report finds it; with --kind fine2, the
+    second fine sweep around that one's lowest loss, to fine2-s0.json."""
     record = json.loads(H200.read_text())
     md5 = hashlib.md5(Path(args.archive).read_bytes()).hexdigest()
     base = read_yaml((ROOT / "params.yaml").read_text())
@@ -352,14 +354,18 @@ def fine_h200(args: argparse.Namespace) -> None:
     raw = apply_overrides(base, overrides)
     rows = record["range_test"]["default"]["curve"]
     curve = {"lr": [r[1] for r in rows], "loss": [r[2] for r in rows], "accuracy": [r[4] for r in rows]}
-    result = ROOT / args.out / "w64_full" / "fine-s0.json"
-    result.parent.mkdir(parents=True, exist_ok=True)
+    folder = ROOT / args.out / "w64_full"
+    folder.mkdir(parents=True, exist_ok=True)
     around = {"curve": curve, "stop_reason": "finished", "images_seen": 0}
+    base = "the H200 record's default sweep"
+    if args.kind == "fine2":
+        around, base = json.loads((folder / "fine-s0.json").read_text()), "fine-s0.json"
+    result = folder / f"{args.kind}-s0.json"
     payload = {
         "work": "sweep", "params": raw, "data": str(jobs.data_folder(parse_params(raw), args.cache)[0]),
         "around": around, "result": str(result),
-        "record": {"setting": "w64_full", "kind": "fine", "seed": 0, "variant": "", "overrides": overrides,
-                   "base": "the H200 record's default sweep", "commit": git_commit(ROOT)["commit"]},
+        "record": {"setting": "w64_full", "kind": args.kind, "seed": 0, "variant": "", "overrides": overrides,
+                   "base": base, "commit": git_commit(ROOT)["commit"]},
     }  # fmt: skip
     torch.set_num_threads(args.threads)
     outputs.write_json(result, payload["record"] | jobs.work(payload))
@@ -382,6 +388,7 @@ def main() -> None:
     h200.add_argument("--out", type=Path, default=ROOT / "docs/results/lr_bench")
     h200.add_argument("--cache", type=Path, default=Path("/tmp/lr_bench"))
     h200.add_argument("--threads", type=int, default=2)
+    h200.add_argument("--kind", choices=("fine", "fine2"), default="fine", help="fine2: around fine-s0.json")
     args = parser.parse_args()
     if args.command == "fine-h200":
         args.cache.mkdir(parents=True, exist_ok=True)

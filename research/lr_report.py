@@ -93,11 +93,17 @@ def bench_settings(out: Path, config: Path) -> list[Setting]:
             if r["kind"] == "sweep"
         }
         grid = grid_means(done)
-        fine = {  # the fine sweeps around the plain sweeps (lr_finder.FINE_*), swept with their own design
-            name.removeprefix("fine-"): sweep_from(r["curve"], LRFinderParams(**r["lr_finder"]), steps)
-            for name, r in done.items()
-            if r["kind"] == "fine" and not r.get("variant")
+        # the fine sweeps around the plain sweeps (lr_finder.FINE_*), swept with their own design, each with the
+        # second fine sweep around its lowest loss where one ran
+        fine = {
+            kind: {
+                name.removeprefix(f"{kind}-"): sweep_from(r["curve"], LRFinderParams(**r["lr_finder"]), steps)
+                for name, r in done.items()
+                if r["kind"] == kind and not r.get("variant")
+            }
+            for kind in ("fine", "fine2")
         }
+        fine = {k: dataclasses.replace(w, fine=fine["fine2"].get(k)) for k, w in fine["fine"].items()}
         train = params.train
         features = {"training steps": steps, "warm-up steps": steps // train.epochs * train.peak_epoch}
         features |= {"training images": images, "epochs": train.epochs}
@@ -128,11 +134,15 @@ def h200_setting() -> Setting:
         curve = {"lr": lr, "loss": loss, "accuracy": acc}
         sweeps[name] = sweep_from(curve, LRFinderParams(), 24 * 98)  # 24 epochs of 98 steps
     features = {"training steps": 24 * 98, "warm-up steps": 5 * 98, "training images": 50_000, "epochs": 24}
-    fine = H200.parent / "lr_bench/w64_full/fine-s0.json"  # `python -m research.lr_bench fine-h200`, on a CPU
-    if fine.exists():
-        r = json.loads(fine.read_text())
-        swept = sweep_from(r["curve"], LRFinderParams(**r["lr_finder"]), 24 * 98)
-        sweeps["default"] = dataclasses.replace(sweeps["default"], fine=swept)
+    folder = H200.parent / "lr_bench/w64_full"  # `python -m research.lr_bench fine-h200 [--kind fine2]`, on a CPU
+
+    def swept(kind: str) -> picks.Sweep | None:
+        path = folder / f"{kind}-s0.json"
+        r = json.loads(path.read_text()) if path.exists() else None
+        return r and sweep_from(r["curve"], LRFinderParams(**r["lr_finder"]), 24 * 98)
+
+    if fine := swept("fine"):
+        sweeps["default"] = dataclasses.replace(sweeps["default"], fine=dataclasses.replace(fine, fine=swept("fine2")))
     return Setting("w64_full", grid, sweeps, "H200, bf16, seed 0: one run per LRMAX", features)
 
 
@@ -389,10 +399,15 @@ def fine_sweeps(s: Setting) -> list[picks.Sweep]:
     return [w.fine for w in base_sweeps(s) if w.fine is not None]
 
 
+def fine_anchors(s: Setting) -> list[float]:
+    """What the `fine` rule scales on each of s's sweeps: its fine sweeps' lowest losses (picks.fine_lowest_mean)."""
+    return [picks.fine_lowest_mean(w) for w in base_sweeps(s) if w.fine is not None]
+
+
 def fit_fine(group: list[Setting]) -> float:
-    """The `fine` rule's constant: exp of the mean over the fine sweeps of `group` of log(best LRMAX / the fine
-    sweep's lowest-loss LR), least squares in logs as anchor_loo fits it."""
-    logs = [math.log(s.best()[0] / picks.lowest_loss_lr(w)) for s in group for w in fine_sweeps(s)]
+    """The `fine` rule's constant: exp of the mean over the sweeps of `group` of log(best LRMAX / their fine sweeps'
+    lowest-loss LRs' geometric mean), least squares in logs as anchor_loo fits it."""
+    logs = [math.log(s.best()[0] / fine_anchor) for s in group for fine_anchor in fine_anchors(s)]
     return math.exp(statistics.fmean(logs))
 
 
@@ -404,10 +419,10 @@ def fine_table(settings: list[Setting]) -> str:
     if len(group) < 3:
         return f"No fine sweeps yet in 3 settings with complete grids ({len(group)})."
     rules = {
-        "fine sweep's lowest loss x C": (lambda s: [picks.lowest_loss_lr(w) for w in fine_sweeps(s)], None),
-        "fine sweep's lowest loss x (steps / ref) ** p": (
+        "fine (both fine sweeps' lowest losses) x C": (fine_anchors, None),
+        "the first fine sweep's lowest loss alone x C": (
             lambda s: [picks.lowest_loss_lr(w) for w in fine_sweeps(s)],
-            "training steps",
+            None,
         ),
         "budget's anchor (the user's sweep) x C": (lambda s: [picks.lowest_loss_lr(w) for w in base_sweeps(s)], None),
         "budget (the user's sweep) x (steps / ref) ** p": (
@@ -457,7 +472,7 @@ def write_fit(settings: list[Setting], source: Path) -> tuple[float, float, floa
     body = (
         f"BUDGET_REFERENCE_STEPS = {reference:.1f}  # the training length at which LRMAX is the lowest loss's LR "
         f"itself\nBUDGET_POWER = {power:.4f}\n"
-        f"FINE_SCALE = {scale:.4f}  # LRMAX over the fine sweep's lowest-loss LR\n"
+        f"FINE_SCALE = {scale:.4f}  # LRMAX over the fine sweeps' lowest-loss LRs' geometric mean\n"
     )
     text = re.sub(
         r"(# fit:begin\n).*?(# fit:end)", lambda m: m.group(1) + body + m.group(2), source.read_text(), flags=re.S

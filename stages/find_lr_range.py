@@ -20,8 +20,9 @@ def describe(params: Params, found: lr_finder.LRRange, summary: dict, exp_name: 
     """The range-test run's description in MLflow (markdown): its headline, the found range."""
     sweep = params.lr_finder
     again = " (re-picked from the saved sweep of the same inputs: no new sweep)" if repicked else ""
-    fine = summary["fine_sweep"]
-    fine_line = fine and f"- fine sweep, which the pick reads: {fine['iterations']} steps from {fine['start_lr']:.3g}"
+    fine = summary["fine_sweeps"]
+    steps = " and ".join(f"{r['iterations']} steps from {r['start_lr']:.3g}" for r in fine)
+    fine_line = fine and f"- {len(fine)} fine sweeps, which the pick reads: {steps}"
     return "\n".join(
         [
             f"**LR range {found.lr_min:.4g} - {found.lr_max:.4g}** (LRMAX by {found.pick}, LRMIN = LRMAX / "
@@ -77,8 +78,8 @@ def main() -> None:
         )
     read = lr_finder.for_pick(curve, params, dataset, device)
     if read.fine is not None and read.fine is not curve.fine:  # swept now: kept beside the saved sweep from now on
-        steps, pick = lr_finder.FINE_STEPS, params.lr_finder.pick
-        print(f"LR range test: the fine sweep around its lowest loss ({steps} steps), which {pick} reads")
+        steps, pick = f"{lr_finder.FINE_ROUNDS} x {lr_finder.FINE_STEPS} steps", params.lr_finder.pick
+        print(f"LR range test: the fine sweeps around its lowest loss ({steps}), which {pick} reads")
         lr_finder.save_sweep(saved, inputs, read)
     curve = read
     found = lr_finder.pick(curve, params, n_train)  # no range: a clear error
@@ -86,7 +87,8 @@ def main() -> None:
     summary = found.as_dict(curve, n_train)
 
     outputs.write_csv(args.curve, lr_finder.CSV_COLUMNS, curve.rows())
-    outputs.write_csv(args.fine_curve, lr_finder.CSV_COLUMNS, curve.fine.rows() if curve.fine else [])
+    fine_rows = [(i, *row) for i, fine in enumerate(lr_finder.fine_rounds(curve), 1) for row in fine.rows()]
+    outputs.write_csv(args.fine_curve, lr_finder.FINE_CSV_COLUMNS, fine_rows)
     outputs.write_json(args.range, summary)
     print(
         f"LR range: LRMIN {found.lr_min:.4g}, LRMAX {found.lr_max:.4g} ({found.pick}; lowest loss at LR "

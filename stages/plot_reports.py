@@ -73,7 +73,12 @@ def main() -> None:
     found = lr_finder.read_range(args.range)
     lr_min, lr_max = lr_finder.training_range(found, params.train)
     curve = read_columns(args.curve, lr_finder.CSV_COLUMNS, "lr_range_test")
-    fine = read_columns(args.fine_curve, lr_finder.CSV_COLUMNS, "lr_range_test", empty=True)
+    fine = read_columns(args.fine_curve, lr_finder.FINE_CSV_COLUMNS, "lr_range_test", empty=True)
+    rounds = sorted(set(fine["round"]))  # each fine sweep's LRs and smoothed loss, drawn apart
+    fine_curves = [
+        tuple([x for r, x in zip(fine["round"], fine[c], strict=True) if r == i] for c in ("lr", "smoothed_loss"))
+        for i in rounds
+    ]
     history = read_columns(args.history, training.HISTORY_COLUMNS, "train_one_cycle")
     tracker = Tracker()  # an unreachable tracking server stops the stage here, before any work
     dataset = data.load(args.data)
@@ -104,7 +109,7 @@ def main() -> None:
             found["lr_max"],
             str(found.get("pick", params.lr_finder.pick)),
             accuracy=curve["smoothed_accuracy"],
-            fine=(fine["lr"], fine["smoothed_loss"]) if fine["lr"] else None,
+            fine=fine_curves,
         ),
         "one_cycle.png": lambda: plots.one_cycle([r[0] for r in table], [r[1] for r in table], steps, train.peak_epoch),
         "accuracy.png": lambda: plots.accuracy(history),

@@ -307,10 +307,11 @@ def test_the_saved_sweep_s_code_digest_follows_the_library_but_not_the_pick_rule
     assert lr_finder.code_digest(copy) != digest, "a change to what the sweep runs sweeps again"
 
 
-def test_the_fine_sweep_is_the_project_s_design_around_the_lowest_loss_and_fine_reads_it(small_archive, tmp_path):
-    """lr_finder.pick: fine runs a second sweep of a fresh model, same seed: FINE_STEPS steps from the first sweep's
-    lowest-loss LR / FINE_BELOW to that LR x FINE_ABOVE, whatever the first sweep's knobs were; LRMAX is its lowest
-    loss times FINE_SCALE. It is saved with the sweep, and a rule that reads none leaves it out of the outputs."""
+def test_the_fine_sweeps_are_the_project_s_design_around_the_lowest_loss_and_fine_reads_them(small_archive, tmp_path):
+    """lr_finder.pick: fine runs FINE_ROUNDS more sweeps of a fresh model, same seed: FINE_STEPS steps from the
+    lowest-loss LR of the sweep before / FINE_BELOW to that LR x FINE_ABOVE, whatever the first sweep's knobs were;
+    LRMAX is their lowest losses' geometric mean times FINE_SCALE. They are saved with the sweep, and a rule that
+    reads none leaves them out of the outputs."""
     path, md5 = small_archive
     raw = {"data": {"url": str(path), "md5": md5}, "model": {"width": 2}}
     raw["train"] = {"batch_size": 32, "epochs": 2, "peak_epoch": 1}
@@ -318,25 +319,35 @@ def test_the_fine_sweep_is_the_project_s_design_around_the_lowest_loss_and_fine_
     params = parse_params(raw)
     dataset = data.decode_archive(path, params.data)
     curve, found = lr_finder.find_range(params, dataset, torch.device("cpu"), progress=False)
-    fine = curve.fine
-    anchor = lr_finder.fine_anchor(curve, params.lr_finder)
-    assert fine is not None and fine.lr[0] == anchor / lr_finder.FINE_BELOW
-    expected = lr_finder.fine_params(params.lr_finder, anchor)
-    assert (expected.num_iter, expected.smooth_beta, expected.diverge_factor) == (lr_finder.FINE_STEPS, 0.98, 4.0)
-    assert fine.lr == [sweep_lr(i, expected) for i in range(len(fine.lr))], "its own design, not lr_finder.*"
-    assert fine.loss[0] == curve.loss[0], "a fresh model with the same seed sees the same first batch"
-    lowest = picks.lowest_loss_lr(lr_finder.sweep_of(fine, expected))
-    assert found.lr_max == pytest.approx(min(max(lowest * picks.FINE_SCALE, fine.lr[0]), fine.lr[-1]), rel=1e-12)
+    rounds = lr_finder.fine_rounds(curve)
+    assert len(rounds) == lr_finder.FINE_ROUNDS == 2
+    around, finder, lowest = curve, params.lr_finder, []
+    for fine in rounds:  # each centred on the lowest loss of the one before, read with that one's smoothing
+        anchor = lr_finder.fine_anchor(around, finder)
+        assert fine.lr[0] == anchor / lr_finder.FINE_BELOW
+        expected = lr_finder.fine_params(params.lr_finder, anchor)
+        assert (expected.num_iter, expected.smooth_beta, expected.diverge_factor) == (lr_finder.FINE_STEPS, 0.98, 4.0)
+        assert fine.lr == [sweep_lr(i, expected) for i in range(len(fine.lr))], "its own design, not lr_finder.*"
+        assert fine.loss[0] == curve.loss[0], "a fresh model with the same seed sees the same first batch"
+        lowest.append(picks.lowest_loss_lr(lr_finder.sweep_of(dataclasses.replace(fine, fine=None), expected)))
+        around, finder = fine, expected
+    mean = (lowest[0] * lowest[1]) ** 0.5
+    low, high = min(r.lr[0] for r in rounds), max(r.lr[-1] for r in rounds)
+    assert found.lr_max == pytest.approx(min(max(mean * picks.FINE_SCALE, low), high), rel=1e-12)
     summary = found.as_dict(curve, len(dataset.train.labels))
-    assert summary["images_seen"] == curve.images_seen + fine.images_seen, "the range test's cost counts both"
-    assert summary["fine_sweep"]["iterations"] == len(fine.lr)
+    assert summary["images_seen"] == curve.images_seen + sum(r.images_seen for r in rounds), "the cost counts all"
+    assert [r["iterations"] for r in summary["fine_sweeps"]] == [len(r.lr) for r in rounds]
 
     meta = {"md5": md5, "train_images": len(dataset.train.labels)}
     inputs = lr_finder.sweep_inputs(params, meta, torch.device("cpu"))
     lr_finder.save_sweep(tmp_path, inputs, curve)
-    assert lr_finder.saved_sweep(tmp_path, inputs) == curve, "saved with its fine sweep, bit for bit"
+    assert lr_finder.saved_sweep(tmp_path, inputs) == curve, "saved with its fine sweeps, bit for bit"
     again = lr_finder.for_pick(curve, params, dataset, torch.device("cpu"))
-    assert again is curve, "a saved fine sweep centred where it should be is read, not swept again"
+    assert again is curve, "saved fine sweeps centred where they should be are read, not swept again"
+    one_round = dataclasses.replace(
+        curve, fine=dataclasses.replace(curve.fine, fine=None)
+    )  # as a one-round version saved it
+    assert lr_finder.for_pick(one_round, params, dataset, torch.device("cpu")) == curve, "an older save: swept again"
     other = parse_params(raw | {"lr_finder": raw["lr_finder"] | {"pick": "budget"}})
     assert lr_finder.for_pick(curve, other, dataset, torch.device("cpu")).fine is None
     assert lr_finder.pick(curve, other, len(dataset.train.labels)) == lr_finder.pick(

@@ -134,7 +134,7 @@ def test_pick_range_passes_the_training_length_and_falls_back_to_min_loss_withou
     assert unknown.lr_max == pytest.approx(0.01) and "budget found nothing" in unknown.note
 
 
-def test_fine_reads_the_fine_sweep_alone_and_finds_nothing_without_one():
+def test_fine_reads_the_fine_sweeps_alone_and_finds_nothing_without_one():
     lr = np.geomspace(1e-4, 1, 60)
     coarse = picks.Sweep(lr, lr * 0, (np.log10(lr) + 2) ** 2, lr * 0, lr * 0, 60, 100)
     assert picks.fine_lowest(coarse) is None
@@ -143,4 +143,8 @@ def test_fine_reads_the_fine_sweep_alone_and_finds_nothing_without_one():
     both = dataclasses.replace(coarse, fine=fine)
     assert picks.fine_lowest(both) == pytest.approx(picks.lowest_loss_lr(fine) * picks.FINE_SCALE, rel=1e-12)
     assert picks.lowest_loss_lr(fine) == pytest.approx(10**-1.5, rel=1e-3), "the fine curve's lowest, not the coarse"
+    second = dataclasses.replace(fine, smoothed_loss=(np.log10(fine_lr) + 2.5) ** 2)  # its lowest at 10**-2.5
+    two = dataclasses.replace(coarse, fine=dataclasses.replace(fine, fine=second))
+    assert picks.fine_lowest_mean(two) == pytest.approx(10**-2, rel=1e-3), "the rounds' geometric mean"
+    assert picks.fine_lowest(two) == pytest.approx(picks.fine_lowest_mean(two) * picks.FINE_SCALE, rel=1e-12)
     assert picks.RULES["fine"].needs_fine and not picks.RULES["budget"].needs_fine

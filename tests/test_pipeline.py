@@ -6,6 +6,7 @@ run an experiment.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -236,16 +237,20 @@ def test_an_epochs_only_experiment_re_picks_from_the_saved_sweep_what_a_new_swee
     assert {name: (repo / name).read_bytes() for name in repicked} == repicked
     assert (repo / "reports/lr_range_fine.csv").read_text().count("\n") == 1, "budget reads no fine sweep: a header"
 
-    # the `fine` rule: no new sweep, but the fine sweep around its lowest loss, kept beside it and plotted
+    # the `fine` rule: no new sweep, but the fine sweeps around its lowest loss, kept beside it and plotted
     result = sh(repo, "dvc", "exp", "run", "-S", "lr_finder.pick=fine", "-n", "fine-rule")
     assert ran(result) == ["lr_range_test", "train_one_cycle", "plot_reports"]
-    assert "no new sweep" in result.stdout and "the fine sweep around its lowest loss (48 steps)" in result.stdout
-    fine_rows = (repo / "reports/lr_range_fine.csv").read_text().splitlines()
-    assert 10 < len(fine_rows) <= 1 + 48
+    assert "no new sweep" in result.stdout and "the fine sweeps around its lowest loss (2 x 48 steps)" in result.stdout
+    with open(repo / "reports/lr_range_fine.csv", newline="") as f:
+        fine_rows = list(csv.DictReader(f))
+    rounds = [[row for row in fine_rows if row["round"] == str(i)] for i in (1, 2)]
+    assert all(10 < len(r) <= 48 for r in rounds) and len(fine_rows) == sum(map(len, rounds))
     found = json.loads((repo / "reports/lr_range.json").read_text())
-    assert found["pick"] == "fine" and found["fine_sweep"]["iterations"] == len(fine_rows) - 1
-    assert float(fine_rows[1].split(",")[1]) <= found["lr_max"] <= float(fine_rows[-1].split(",")[1])
-    assert json.loads(saved.read_text())["curve"]["fine"]["lr"], "saved with the sweep: a re-pick reads it"
+    assert found["pick"] == "fine" and [r["iterations"] for r in found["fine_sweeps"]] == list(map(len, rounds))
+    lrs = [float(row["lr"]) for row in fine_rows]
+    assert min(lrs) <= found["lr_max"] <= max(lrs)
+    saved_fine = json.loads(saved.read_text())["curve"]["fine"]
+    assert saved_fine["lr"] and saved_fine["fine"]["lr"], "saved with the sweep: a re-pick reads them"
     for name, content in kept.items():
         (repo / name).write_bytes(content)
     sh(repo, "dvc", "checkout")

@@ -107,12 +107,12 @@ def lr_range(
     lr_max: float,
     pick: str,
     accuracy: Sequence[float] | None = None,
-    fine: tuple[Sequence[float], Sequence[float]] | None = None,
+    fine: Sequence[tuple[Sequence[float], Sequence[float]]] = (),
 ) -> Figure:
     """The LR range test: loss against LR (log scale), the found LRMIN and LRMAX, and optionally accuracy.
 
     `accuracy` is the smoothed batch accuracy in percent, one value per step, drawn on a second y axis. `fine`:
-    the fine sweep's LRs and smoothed loss, when the pick read one.
+    each fine sweep's LRs and smoothed loss, when the pick read them.
     """
     lr_a = np.asarray(lr, dtype=float)
     smooth = np.asarray(smoothed_loss, dtype=float)
@@ -131,8 +131,9 @@ def lr_range(
         markersize=7,
         label=f"lowest: {smooth[best]:.3f} at LR {lr_a[best]:.3g}",
     )
-    if fine is not None:
-        ax.plot(*fine, color="tab:orange", linewidth=2.0, label="fine sweep: smoothed loss")
+    for i, (fine_lr, fine_loss) in enumerate(fine, 1):  # orange, the later rounds darker
+        color = ("tab:orange", "saddlebrown", "black")[min(i, 3) - 1]
+        ax.plot(fine_lr, fine_loss, color=color, linewidth=2.0, label=f"fine sweep {i}: smoothed loss")
     ax.axvline(lr_min, color="tab:purple", linestyle="--", linewidth=1.4, label=f"LRMIN = {lr_min:.3g}")
     ax.axvline(lr_max, color=BOUND_COLOR, linestyle="--", linewidth=1.4, label=f"LRMAX = {lr_max:.3g}")
     ax.set_ylim(*_loss_limits(smooth, raw))
