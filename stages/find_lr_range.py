@@ -90,10 +90,11 @@ def main() -> None:
     fine_rows = [(i, *row) for i, fine in enumerate(lr_finder.fine_rounds(curve), 1) for row in fine.rows()]
     outputs.write_csv(args.fine_curve, lr_finder.FINE_CSV_COLUMNS, fine_rows)
     outputs.write_json(args.range, summary)
+    fine_steps = "".join(f" + {r['iterations']}" for r in summary["fine_sweeps"])  # each fine sweep's
     print(
         f"LR range: LRMIN {found.lr_min:.4g}, LRMAX {found.lr_max:.4g} ({found.pick}; lowest loss at LR "
-        f"{found.lr_at_min_loss:.4g}); {len(curve.lr)} steps, {summary['epochs_of_training_set']:.2f} epochs of "
-        f"the training set, {curve.stop_reason}"
+        f"{found.lr_at_min_loss:.4g}); {len(curve.lr)} steps{fine_steps}, {summary['epochs_of_training_set']:.2f} "
+        f"epochs of the training set, {curve.stop_reason}"
     )
 
     flat = flatten(params)
