@@ -355,7 +355,7 @@ def leave_one_out(settings: list[Setting], summaries: dict[str, dict]) -> str:
         ok = short <= noise
         within += ok
         shorts.append(short)
-        r = summaries[s.name]["rules"][DEFAULT]
+        r = summaries[s.name]["rules"]["budget"]
         inside = {"within": "within", "miss": "miss", "?": "?"}[r["verdict"]]
         inside += f" ({best - r['mean_accuracy']:.2f} short)" if r["mean_accuracy"] is not None else ""
         lines.append(

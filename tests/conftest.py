@@ -68,7 +68,9 @@ def http_dir(tmp_path) -> Iterator[tuple[str, Path]]:
 
 def tiny_repo(repo: Path, archive: tuple[Path, str], width: int) -> Path:
     """A git repository at `repo` with this pipeline at a tiny size: the archive, `width`, a 15-step range test,
-    2 epochs of batches of 64 on the CPU."""
+    2 epochs of batches of 64 on the CPU. The pick is `budget`, which reads train.epochs: the tests of re-picking
+    without a sweep change the epochs alone (the default, `fine`, runs in a test of its own)."""
     sizes = {"model.width": width, "lr_finder.num_iter": 15, "lr_finder.start_lr": 1e-3, "lr_finder.end_lr": 1.0}
+    sizes["lr_finder.pick"] = "budget"
     sizes |= {"train.epochs": 2, "train.peak_epoch": 1, "train.batch_size": 64, "train.device": "cpu"}
     return pipeline_repo(repo, sizes | {"data.url": str(archive[0]), "data.md5": archive[1]})

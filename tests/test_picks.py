@@ -126,7 +126,7 @@ def test_budget_scales_the_lowest_loss_lr_by_a_power_of_the_training_length_and_
 def test_pick_range_passes_the_training_length_and_falls_back_to_min_loss_without_it():
     bowl = 2.0 + (np.log(LR) - np.log(0.01)) ** 2
     curve = Curve(list(LR), list(bowl), list(bowl), [10.0] * 41, [10.0] * 41, "finished", 0)
-    params = LRFinderParams(num_iter=41, min_div=10)
+    params = LRFinderParams(num_iter=41, min_div=10, pick="budget")
     found = pick_range(curve, params, train_steps=picks.BUDGET_REFERENCE_STEPS)
     assert found.lr_max == pytest.approx(0.01) and found.lr_min == found.lr_max / 10
     assert found.pick == "budget" and found.note == ""

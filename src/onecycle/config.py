@@ -135,9 +135,10 @@ class LRFinderParams:
     end_lr: float = _param(1.0, _number(0.0, lo_open=True))
     num_iter: int = _param(96, _integer(5, 5000))  # optimizer steps in the sweep (98 make one epoch of 50,000)
     step_mode: str = _param("exp", _choice("exp", "linear"))
-    # budget: the lowest loss's LR scaled by a power of the training's length in steps, which came closest to the
-    # best LRMAX of the LR-finder benchmark's trained grids, where min_loss missed in all (docs/lr-finder.md)
-    pick: str = _param("budget", _choice(*picks.NAMES))
+    # fine: two fine sweeps of the project's design around the lowest loss, their lowest losses times a fitted
+    # constant: the closest to the best LRMAX of the LR-finder benchmark's trained grids, in and out of sample, and
+    # the one pick that the sweep's own knobs move by less than 1.2x (docs/lr-finder.md)
+    pick: str = _param("fine", _choice(*picks.NAMES))
     min_div: float = _param(10.0, _number(1.0, lo_open=True))  # LRMIN = LRMAX / min_div
     smooth_beta: float = _param(0.98, _number(0.0, 1.0, hi_open=True))  # moving-average weight of the loss
     diverge_factor: float = _param(4.0, _number(1.0, lo_open=True))  # stop once smoothed loss > this x best
