@@ -33,7 +33,7 @@ test: $(VENV)/.installed lint
 	wait $$pid; first_status=$$?; echo "== $(TEST_FIRST)"; cat $$first/log; \
 	test $$first_status = 0 && test $$rest_status = 0
 
-# A quick run on a CPU (36 s on an idle 2-core Intel Xeon; the README's "A quick run" gives other CPUs): the first
+# A quick run on a CPU (49 s on an idle 2-core Intel Xeon; the README's "A quick run" gives other CPUs): the first
 # 2,000 training and 500 test images, width 16, batch 128, 8 epochs, a 48-step range test.
 # ARCHIVE=path/to/cifar-10-binary.tar.gz reads a local copy of the archive (its md5 computed here) instead of
 # downloading it; ARGS="-S key=value ..." adds overrides.
