@@ -372,6 +372,24 @@ def fine_h200(args: argparse.Namespace) -> None:
     print(f"wrote {result}")
 
 
+def shares(out: Path) -> None:
+    """How much of each trained job's process went to training.fit (its steps and the final test), from the
+    set-up times research.jobs records: interpreter start, imports and data load are the rest."""
+    rows = []
+    for results in load_results(out).values():
+        for r in results.values():
+            if "setup" in r and "fit_seconds" in r:
+                rows.append((r["fit_seconds"] / (r["setup"]["setup_seconds"] + r["fit_seconds"]), r))
+    if not rows:
+        raise UserError(f"no trained job under {out} records its set-up (research.jobs writes it)")
+    rows.sort(key=lambda x: x[0])
+    low, r = rows[0]
+    imports = statistics.median(r["setup"]["imports_seconds"] for _, r in rows)
+    print(f"{len(rows)} trained jobs: training.fit is {statistics.median(s for s, _ in rows):.1%} of a job's process "
+          f"(median), {low:.1%} at the least ({r['setting']}/{r['kind']}, fit {r['fit_seconds']:.1f} s); "
+          f"imports {imports:.2f} s (median), on {r['device']}")  # fmt: skip
+
+
 @tool_main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -389,8 +407,12 @@ def main() -> None:
     h200.add_argument("--cache", type=Path, default=Path("/tmp/lr_bench"))
     h200.add_argument("--threads", type=int, default=2)
     h200.add_argument("--kind", choices=("fine", "fine2"), default="fine", help="fine2: around fine-s0.json")
+    share = sub.add_parser("shares", help="each trained job's share of its process spent in training.fit")
+    share.add_argument("--out", type=Path, default=ROOT / "docs/results/lr_bench")
     args = parser.parse_args()
-    if args.command == "fine-h200":
+    if args.command == "shares":
+        shares(args.out)
+    elif args.command == "fine-h200":
         args.cache.mkdir(parents=True, exist_ok=True)
         fine_h200(args)
     else:

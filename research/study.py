@@ -2,7 +2,7 @@
 
     python -m research.study --out RESULTS.json [--params params.yaml] [-S KEY=VALUE]...
         [--grid GRID.yaml] [--setting "NAME: KEY=VALUE ..."]... [--seeds N | --seeds 0,1,2]
-        [--fresh] [--deadline SECONDS] [--cache DIR] [--commit SHA]
+        [--fresh] [--final-test-only] [--deadline SECONDS] [--cache DIR] [--commit SHA]
         [--peak] [--datasheet-tflops TFLOPS] [--profile PROFILE.txt]
 
 A setting is a name and `KEY=VALUE` overrides exactly as `dvc exp run -S` takes them (dotted keys of
@@ -39,6 +39,10 @@ status: 0, or 1 when a run failed (the others are kept), 2 for a wrong setting.
       - name: lr0.02-wd1e-3
         seeds: [0, 1]
         set: {lr_max: 0.02, train.weight_decay: 1e-3}
+
+--final-test-only tests the last epoch alone (training.fit's test_every_epoch=False): the same training and
+final accuracy, no per-epoch history, and none of the per-epoch evaluation's arithmetic (about 40% of a job's at
+width 32 on 5,000 images, by issue 26's count).
 
 Extras: --peak measures a bf16 matrix product on the device (8192^3 on CUDA), and gives each run its
 achieved TFLOP/s (2.28 GFLOP per training image at width 64, forward and backward, times (width / 64)^2,
@@ -200,10 +204,12 @@ def plan_runs(base: dict, shared: dict, settings: list[Setting], default_seeds: 
     return order
 
 
-def payload_of(run: Run, folder: Path, result: Path, peaks: dict) -> dict:
-    """The run as research.jobs runs it: a training, from its setting's lr_max or from the range it finds."""
+def payload_of(run: Run, folder: Path, result: Path, peaks: dict, every: bool = True) -> dict:
+    """The run as research.jobs runs it: a training, from its setting's lr_max or from the range it finds; `every`
+    False tests the last epoch alone."""
     return {
         "work": "train",
+        "test_every_epoch": every,
         "params": run.raw,
         "data": str(folder),
         "lr_max": run.setting.lr_max,
@@ -212,12 +218,12 @@ def payload_of(run: Run, folder: Path, result: Path, peaks: dict) -> dict:
     }
 
 
-def run_fresh(run: Run, folder: Path, workdir: Path, peaks: dict, timeout: float) -> dict:
+def run_fresh(run: Run, folder: Path, workdir: Path, peaks: dict, timeout: float, every: bool = True) -> dict:
     """`run` in a new Python process (research.jobs.Pool); its result, with process_seconds measured from here."""
     result = workdir / "result.json"
     result.unlink(missing_ok=True)
     pool = jobs.Pool(1, workdir / "logs")
-    pool.start(payload_of(run, folder, result, peaks), timeout=timeout)
+    pool.start(payload_of(run, folder, result, peaks, every), timeout=timeout)
     while not (ended := pool.finished()):
         pass
     _, status, seconds = ended[0]
@@ -290,7 +296,7 @@ def summary_of(records: list[dict], runs: list[Run], default_device: str) -> dic
         done = [r for r in mine if r["status"] == "ok"]
         entries = [
             {"seed": r["seed"], "exp_name": None, "mlflow_run_id": None}
-            | {k: r[k] for k in ("test_acc", "best_test_acc", "lr_min", "lr_max", "lr_found")}
+            | {k: r.get(k) for k in ("test_acc", "best_test_acc", "lr_min", "lr_max", "lr_found")}
             for r in done
         ]
         device = done[0]["device"] if done else default_device
@@ -390,12 +396,13 @@ def study(args: argparse.Namespace) -> int:
             start = time.perf_counter()
             folder = folders[id(run)]
             if args.fresh:
-                result = run_fresh(run, folder, Path(tmp), peaks, left())
+                result = run_fresh(run, folder, Path(tmp), peaks, left(), not args.final_test_only)
             else:
                 try:
                     if folder not in datasets:
                         datasets[folder] = data.load(folder)
-                    result = jobs.work(payload_of(run, folder, Path(tmp) / "unused.json", peaks), datasets[folder])
+                    payload = payload_of(run, folder, Path(tmp) / "unused.json", peaks, not args.final_test_only)
+                    result = jobs.work(payload, datasets[folder])
                 except Exception as exc:  # one failed run is a finding; the others still run
                     result = {"error": str(exc) if isinstance(exc, UserError) else traceback.format_exc()[-3000:]}
             if "diverged" in result:  # the benchmark's finding is this study's failed run
@@ -411,7 +418,8 @@ def study(args: argparse.Namespace) -> int:
                 print(
                     f"[{time.perf_counter() - began:7.1f} s] {name} seed {run.seed}: LR {record['lr_min']:.4g} -> "
                     f"{record['lr_max']:.4g} ({how}), test {record['test_acc']:.2f}% (best "
-                    f"{record['best_test_acc']:.2f}%), fit {record['fit_seconds']:.1f} s, run {wall:.1f} s",
+                    f"{record.get('best_test_acc', float('nan')):.2f}%), fit {record['fit_seconds']:.1f} s, "
+                    f"run {wall:.1f} s",
                     flush=True,
                 )
             else:
@@ -451,6 +459,7 @@ def main() -> int:
     parser.add_argument("--setting", action="append", default=[], metavar="'NAME: KEY=VALUE ...'")
     parser.add_argument("--seeds", help="default seeds of every setting: a count N (0..N-1) or a list 0,1,2")
     parser.add_argument("--fresh", action="store_true", help="each run in a new Python process")
+    parser.add_argument("--final-test-only", action="store_true", help="test the last epoch alone (no history)")
     parser.add_argument("--deadline", type=float, default=float("inf"), help="seconds from the start")
     parser.add_argument("--cache", type=Path, help="keep the prepared data folders here (default: a temp folder)")
     parser.add_argument("--commit", help="the commit to record (default: git rev-parse HEAD, when in git)")

@@ -59,6 +59,9 @@ def test_the_benchmark_runs_each_job_once_resumes_and_reports_every_rule(tmp_pat
         design = lr_finder.fine_params(LRFinderParams(), lr_finder.fine_anchor(curve_of(around), LRFinderParams()))
         assert inner["lr_finder"]["start_lr"] == design.start_lr and len(inner["curve"]["lr"]) == lr_finder.FINE_STEPS
 
+    shares = bench("shares", "--out", str(out)).stdout  # the trained jobs' time in training.fit, from their set-up
+    assert "trained jobs: training.fit is" in shares and "of a job's process" in shares
+
     # a rerun does nothing; a lost result is the one job it runs again
     assert " start " not in bench("run", "--archive", str(small_archive[0]), "--cache", str(cache), *common).stdout
     (out / "tiny" / "train-0.1-s0.json").unlink()

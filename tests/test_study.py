@@ -254,3 +254,17 @@ def test_make_profile_quick_splits_a_quick_run_into_its_phases_and_dvc_s_own_sha
     assert result["dvc_seconds"] == pytest.approx(result["seconds"] - in_stages)
     assert result["ratio_to_steps"] == pytest.approx(result["seconds"] / result["steps_seconds"])
     assert "| imports |" in done.stdout and "DVC's own" in done.stdout and "x its steps" in done.stdout
+
+
+def test_a_final_test_only_study_trains_the_same_and_tests_the_last_epoch_alone(warm, params_file, tmp_path):
+    warm_results, _ = warm
+    out = tmp_path / "final.json"
+    done = script(
+        "research.study", "--out", str(out), "--params", str(params_file), "--final-test-only",
+        "--setting", "given: lr_max=0.05 lr_finder.min_div=5 'train.momentum=[0.9, 0.8]'",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    [run] = json.loads(out.read_text())["runs"]
+    same = warm_results["runs"][1]  # the same setting and seed, tested after every epoch
+    assert (run["test_acc"], run["train_acc"]) == (same["test_acc"], same["train_acc"])
+    assert "history" not in run and run["test_images"] == 200
