@@ -120,4 +120,4 @@ def test_every_setting_of_the_device_accuracy_grid_is_valid_before_the_call():
         planned[name] = study.plan_runs(base, shared, settings, seeds)
     # the comparison of the issue, 5 seeds each, runs first, so that a deadline cuts the grid and not it
     first = [r.setting.name for r in planned["accuracy_seeds.yaml"]]
-    assert sorted(set(first)) == ["defaults", "min_loss"] and first.count("defaults") == first.count("min_loss") == 5
+    assert sorted(set(first)) == ["budget", "defaults"] and first.count("defaults") == first.count("budget") == 5
