@@ -111,6 +111,10 @@ class Bench:
     def setting(self, name: str) -> Setting:
         return next(s for s in self.settings if s.name == name)
 
+    def variant(self, name: str) -> Variant:
+        """The variant of that name; "" (a plain sweep or a training) gives one that changes nothing."""
+        return next((v for v in self.variants if v.name == name), Variant("", ()))
+
 
 def read_bench(path: Path = CONFIG) -> Bench:
     raw = read_yaml(path.read_text())
@@ -284,7 +288,7 @@ def plan(bench: Bench, results: dict[str, dict[str, dict]]) -> list[Job]:
 def payload_of(bench: Bench, job: Job, data_set: dict, results: dict, out: Path, cache: Path, commit: str) -> dict:
     """The job as research.jobs runs it: its params, its data folder, what it sweeps around, its record."""
     setting = bench.setting(job.setting)
-    variant = next((v for v in bench.variants if v.name == job.variant), Variant("", ()))
+    variant = bench.variant(job.variant)
     plain = setting_params(bench, setting, data_set, job.seed)[0]
     raw, params = setting_params(bench, setting, data_set, job.seed, variant.applied(plain))
     record = dataclasses.asdict(job) | {"overrides": setting.overrides, "commit": commit, "env": variant.env}
@@ -324,7 +328,7 @@ def run(args: argparse.Namespace) -> None:
         ]
         for job in waiting[: max(args.workers - len(pool.running), 0)]:
             payload = payload_of(bench, job, data_set, results, args.out, args.cache, commit)
-            variant = next((v for v in bench.variants if v.name == job.variant), Variant("", ()))
+            variant = bench.variant(job.variant)
             pool.start(payload, variant.env | {"OMP_NUM_THREADS": str(variant.threads)})
             print(f"[{time.perf_counter() - began:6.0f} s] start {job.setting}/{job.name}", flush=True)
         if not pool.running:

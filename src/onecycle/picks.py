@@ -142,14 +142,19 @@ def budget(s: Sweep) -> float | None:
     return float(np.clip(lr, s.lr[0], s.lr[-1]))
 
 
-def fine_lowest_mean(s: Sweep) -> float | None:
-    """The geometric mean of the fine sweeps' lowest-loss LRs (lowest_loss_lr; s.fine, s.fine.fine, ...); None
-    without a fine sweep."""
+def fine_rounds(s: Sweep) -> list[Sweep]:
+    """The fine sweeps under `s` (s.fine, s.fine.fine, ...), first to last."""
     rounds = []
     while s.fine is not None:
         s = s.fine
-        rounds.append(lowest_loss_lr(s))
-    return float(np.exp(np.mean(np.log(rounds)))) if rounds else None
+        rounds.append(s)
+    return rounds
+
+
+def fine_lowest_mean(s: Sweep) -> float | None:
+    """The geometric mean of the fine sweeps' lowest-loss LRs (lowest_loss_lr); None without a fine sweep."""
+    rounds = fine_rounds(s)
+    return float(np.exp(np.mean(np.log([lowest_loss_lr(r) for r in rounds])))) if rounds else None
 
 
 def fine_lowest(s: Sweep) -> float | None:
@@ -157,14 +162,11 @@ def fine_lowest(s: Sweep) -> float | None:
     without a fine sweep. The fine sweeps' design is the project's (lr_finder.FINE_*), so the user's sweep knobs
     reach the pick only through where the first one's window lies: a longer, shorter, wider or lower sweep moves
     it less than it moves the user's own sweep's lowest loss (docs/lr-finder.md, the knob tables)."""
-    anchor = fine_lowest_mean(s)
-    if anchor is None:
+    rounds = fine_rounds(s)
+    if not rounds:
         return None
-    low, high = s.fine.lr[0], s.fine.lr[-1]
-    inner = s.fine.fine
-    while inner is not None:
-        low, high, inner = min(low, inner.lr[0]), max(high, inner.lr[-1]), inner.fine
-    return float(np.clip(anchor * FINE_SCALE, low, high))
+    low, high = min(r.lr[0] for r in rounds), max(r.lr[-1] for r in rounds)
+    return float(np.clip(fine_lowest_mean(s) * FINE_SCALE, low, high))
 
 
 # --- other tools' rules, each as its source computes it ---
