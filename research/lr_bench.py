@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import itertools
 import json
 import statistics
 import time
@@ -247,7 +248,9 @@ def noise_seeds(bench: Bench, setting: Setting, done: dict[str, dict], grid: lis
     accs = trained[best]
     if not 2 <= len(accs) < MAX_SEEDS or statistics.stdev(accs) / len(accs) ** 0.5 < NOISY:  # one seed: no error
         return []
-    seed = max(bench.seeds) + 1 + len(accs) - len(bench.seeds)  # the next seed this setting has not used
+    at_best = {r["seed"] for r in done.values() if r["kind"] == "train" and r["lr_max"] == best}
+    # the first later seed the best point lacks: a seed that came for an earlier best point may lack this one
+    seed = next(s for s in itertools.count(max(bench.seeds) + 1) if s not in at_best)
     i = grid.index(best)
     around = grid[max(0, i - 1) : i + 2]
     return [Job(setting.name, "sweep", seed)] + [Job(setting.name, "train", seed, lr) for lr in around]
