@@ -259,7 +259,8 @@ def noise_seeds(bench: Bench, setting: Setting, done: dict[str, dict], grid: lis
 def plan(bench: Bench, results: dict[str, dict[str, dict]]) -> list[Job]:
     """Every job the results so far call for, most needed first: setting by setting, its seeds' sweeps and grid,
     the points its grid grew by and its first seed's variant sweeps; then the noisy settings' further seeds;
-    then the found ranges of every swept seed; then the later seeds' variant sweeps."""
+    then the found ranges of every swept seed (every setting's own pick before the YAML's other `found` rules);
+    then the later seeds' variant sweeps."""
     jobs = []
     grids = {s.name: grown_grid(s, results.get(s.name, {})) for s in bench.settings}
     first = bench.seeds[0]
@@ -272,10 +273,13 @@ def plan(bench: Bench, results: dict[str, dict[str, dict]]) -> list[Job]:
         for seed in s.more_seeds:
             jobs += [Job(s.name, "sweep", seed)] + [Job(s.name, "train", seed, lr) for lr in grids[s.name]]
         jobs += noise_seeds(bench, s, results.get(s.name, {}), grids[s.name])
+    found = []
     for s in bench.settings:  # every seed swept so far (later seeds too, even once their grid is not needed)
         done = results.get(s.name, {})
         swept = sorted(r["seed"] for r in done.values() if r["kind"] == "sweep" and not r.get("variant"))
-        jobs += found_jobs(bench, s, done, swept)
+        found += found_jobs(bench, s, done, swept)
+    pick = {s.name: setting_params(bench, s, {}, 0)[1].lr_finder.pick for s in bench.settings}
+    jobs += sorted(found, key=lambda j: j.rule != pick[j.setting])  # each setting's own pick first, everywhere
     for seed in bench.seeds[1:]:
         jobs += [Job(name, "sweep", seed, variant=v.name) for v in bench.variants for name in v.settings]
     if bench.fine:  # a fine sweep after each finished sweep (plain ones only, or all)
