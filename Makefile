@@ -25,8 +25,8 @@ run: $(VENV)/.installed
 # thread a process: the tests' tiny tensors gain nothing from two, and three busy processes on two cores lose
 # CPU to spinning threads (a tiny `dvc repro` took 16% less CPU time with one thread, on a 2-core AMD EPYC).
 # PYTEST_ARGS="--durations=25" adds arguments to both (here: the slowest tests of each stream). The split evens
-# out the two streams' measured times (5 min 28 s and 4 min 04 s on a 2-core Xeon before test_device_pipeline.py
-# moved to the second; docs/results.md has the durations).
+# out the two streams (on a 2-core Xeon the first was 1.5 minutes the longer before test_device_pipeline.py moved
+# to the second; docs/results.md has the durations).
 TEST_FIRST := tests/test_pipeline.py tests/test_study.py tests/test_lr_bench.py
 test: $(VENV)/.installed lint
 	@export OMP_NUM_THREADS=1; first=$$(mktemp -d) rest=$$(mktemp -d); trap 'kill $$pid 2>/dev/null; rm -rf $$first $$rest' EXIT; \

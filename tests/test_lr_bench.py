@@ -90,3 +90,22 @@ def test_budget_s_committed_constants_are_what_the_fit_gives_on_the_committed_re
     copy.write_text(lr_report.PICKS.read_text())
     lr_report.write_fit(settings, copy)
     assert copy.read_text() == lr_report.PICKS.read_text(), "fit rewrites the lines between its marks alone"
+
+
+def test_a_noisy_best_point_gets_the_first_later_seed_it_lacks_also_after_the_best_moved():
+    """Seed 2 came while 0.0125 was the best; 0.025 is the best now, with seeds 0, 1 and 3: seed 2 trains there
+    and beside it (a count of the best point's seeds would have skipped it)."""
+    bench = lr_bench.Bench({}, (0, 1), (lr_bench.Setting("s", {}, (0.0125, 0.025, 0.05)),), ())
+    accs = {(0.0125, 0): 50.0, (0.0125, 1): 52.0, (0.0125, 2): 49.0, (0.0125, 3): 50.0,
+            (0.025, 0): 50.0, (0.025, 1): 56.0, (0.025, 3): 54.0, (0.05, 0): 48.0, (0.05, 1): 50.0}  # fmt: skip
+    done = {f"train-{lr}-s{seed}": {"kind": "train", "lr_max": lr, "seed": seed, "test_acc": acc}
+            for (lr, seed), acc in accs.items()}  # fmt: skip
+    jobs = lr_bench.noise_seeds(bench, bench.settings[0], done, [0.0125, 0.025, 0.05])
+    assert {(j.kind, j.seed, j.lr_max) for j in jobs} == {
+        ("sweep", 2, None),
+        ("train", 2, 0.0125),
+        ("train", 2, 0.025),
+        ("train", 2, 0.05),
+    }
+    done["train-0.025-s2"] = {"kind": "train", "lr_max": 0.025, "seed": 2, "test_acc": 55.0}
+    assert lr_bench.noise_seeds(bench, bench.settings[0], done, [0.0125, 0.025, 0.05]) == [], "4 seeds: the cap"
