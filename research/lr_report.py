@@ -360,15 +360,15 @@ def leave_one_out(settings: list[Setting], summaries: dict[str, dict]) -> str:
         inside += f" ({best - r['mean_accuracy']:.2f} short)" if r["mean_accuracy"] is not None else ""
         lines.append(
             f"| {s.name} | {best_lr:.3g} | {best:.2f} | {noise:.2f} ({len(s.grid[best_lr])}) | {power:.3f}, "
-            f"{reference:.0f} | {lr:.3g} | {acc:.2f} | {short:.2f} | {'**within**' if ok else 'miss'} | {inside} |"
+            f"{reference:.3g} | {lr:.3g} | {acc:.2f} | {short:.2f} | {'**within**' if ok else 'miss'} | {inside} |"
         )
     power, reference = fit_budget(group)
     return "\n".join(
         [
             f"Out of sample, `budget` is within noise in {within} of {len(group)} settings; the worst shortfall is "
             f"{max(shorts):.2f} points (median {statistics.median(shorts):.2f}). Fitted on all {len(group)}: power "
-            f"{power:.3f}, reference {reference:.0f} steps (committed in onecycle/picks.py: "
-            f"{picks.BUDGET_POWER:.3f}, {picks.BUDGET_REFERENCE_STEPS:.0f}).",
+            f"{power:.3f}, reference {reference:.3g} steps (committed in onecycle/picks.py: "
+            f"{picks.BUDGET_POWER:.3f}, {picks.BUDGET_REFERENCE_STEPS:.3g}).",
             "",
             *lines,
         ]
@@ -452,6 +452,26 @@ def fine_table(settings: list[Setting]) -> str:
     lines.append("| **within noise, out of sample** | | | | " + " | ".join(summary) + " |")
     cap = f"| within noise capped at {NOISY} (as if every setting's seeds met the noise rule) | | | | "
     lines.append(cap + " | ".join(capped) + " |")
+    return "\n".join(lines)
+
+
+def dropped_table(dropped: Path) -> str:
+    """The settings dropped for noise (their results moved to `dropped`, docs/results/lr_bench_dropped/): each one's
+    best grid point, its seeds' standard error, and the seeds that spread would need to bring it under NOISY."""
+    lines = [
+        "| setting | best LRMAX | best mean | seeds there | their standard deviation | standard error | "
+        f"seeds needed for an error under {NOISY} |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, done in sorted(load_results(dropped).items()):
+        means = grid_means(done)
+        lr = max(means, key=lambda x: statistics.fmean(means[x]))
+        accs = means[lr]
+        spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        lines.append(
+            f"| {name} | {lr:.3g} | {statistics.fmean(accs):.2f} | {len(accs)} | {spread:.2f} | "
+            f"{spread / len(accs) ** 0.5:.2f} | {math.floor((spread / NOISY) ** 2) + 1} |"
+        )
     return "\n".join(lines)
 
 
@@ -553,6 +573,7 @@ def report(args) -> dict:
         "fine": fine_table(settings),
         "knobs": variant_table(summaries, compare, shown, knobs),
         "pictures": pictures(list(summaries)),
+        "dropped": dropped_table(args.out.with_name(args.out.name + "_dropped")),
         "rounding": variant_table(summaries, compare, shown, set(compare) - knobs),
     }
     print("\n\n".join(sections.values()))

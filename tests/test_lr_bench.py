@@ -108,4 +108,20 @@ def test_a_noisy_best_point_gets_the_first_later_seed_it_lacks_also_after_the_be
         ("train", 2, 0.05),
     }
     done["train-0.025-s2"] = {"kind": "train", "lr_max": 0.025, "seed": 2, "test_acc": 55.0}
-    assert lr_bench.noise_seeds(bench, bench.settings[0], done, [0.0125, 0.025, 0.05]) == [], "4 seeds: the cap"
+    still = lr_bench.noise_seeds(bench, bench.settings[0], done, [0.0125, 0.025, 0.05])
+    assert ("sweep", 4) in {(j.kind, j.seed) for j in still}, "a standard error of 1.3: seed 4 next"
+    for seed in range(4, lr_bench.MAX_SEEDS):  # seeds that keep it noisy, up to the cap
+        done[f"train-0.025-s{seed}"] = {"kind": "train", "lr_max": 0.025, "seed": seed, "test_acc": 50.0 + seed % 2 * 6}
+    assert lr_bench.noise_seeds(bench, bench.settings[0], done, [0.0125, 0.025, 0.05]) == [], "MAX_SEEDS: the cap"
+
+
+def test_the_dropped_settings_table_gives_the_seeds_their_spread_would_need(tmp_path):
+    """A setting dropped for noise stays on the page with its best point's spread and the seeds it would need."""
+    accs = {(0.05, 0): 56.0, (0.05, 1): 44.0, (0.05, 2): 59.0, (0.025, 0): 50.0, (0.025, 1): 42.0, (0.025, 2): 52.0}
+    (tmp_path / "w8").mkdir()
+    for (lr, seed), acc in accs.items():
+        record = {"kind": "train", "lr_max": lr, "seed": seed, "test_acc": acc}
+        (tmp_path / "w8" / f"train-{lr}-s{seed}.json").write_text(json.dumps(record))
+    row = lr_report.dropped_table(tmp_path).splitlines()[2]
+    # the best mean is 0.05's 53.0; its seeds' standard deviation 7.94, error 4.58: (7.94 / 0.5) ** 2 = 252 seeds
+    assert row == "| w8 | 0.05 | 53.00 | 3 | 7.94 | 4.58 | 253 |"
