@@ -455,6 +455,29 @@ def fine_table(settings: list[Setting]) -> str:
     return "\n".join(lines)
 
 
+def seeds_table(settings: list[Setting]) -> str:
+    """How far each seed moves a whole grid: its mean accuracy, less the mean of all the seeds, over the grid points
+    that every one of the setting's seeds trained (the first two seeds' points where none has them all). A seed
+    that trains every LRMAX lower makes the best point's mean noisy without moving which LRMAX is best."""
+    lines = ["| setting | grid points | each seed's offset (points of accuracy) |", "|---|---|---|"]
+    lowest = []
+    for s in settings:
+        seeds = sorted(s.by_seed)
+        shared = [lr for lr in s.grid if all(lr in s.by_seed[k] for k in seeds)]
+        if not shared:
+            seeds = seeds[:2]
+            shared = [lr for lr in s.grid if all(lr in s.by_seed.get(k, {}) for k in seeds)]
+        if len(seeds) < 2 or not shared:
+            continue
+        means = {k: statistics.fmean(s.by_seed[k][lr] for lr in shared) for k in seeds}
+        centre = statistics.fmean(means.values())
+        lowest.append(min(means, key=means.get))
+        cells = ", ".join(f"{k} {means[k] - centre:+.2f}" for k in seeds)
+        lines.append(f"| {s.name} | {len(shared)} | {cells} |")
+    counts = ", ".join(f"{k} in {lowest.count(k)}" for k in sorted(set(lowest), key=lowest.count, reverse=True))
+    return "\n".join([f"The lowest seed: {counts} of {len(lowest)} settings.", "", *lines])
+
+
 def dropped_table(dropped: Path) -> str:
     """The settings dropped for noise (their results moved to `dropped`, docs/results/lr_bench_dropped/): each one's
     best grid point, its seeds' standard error, and the seeds that spread would need to bring it under NOISY."""
@@ -573,6 +596,7 @@ def report(args) -> dict:
         "fine": fine_table(settings),
         "knobs": variant_table(summaries, compare, shown, knobs),
         "pictures": pictures(list(summaries)),
+        "seeds": seeds_table(settings),
         "dropped": dropped_table(args.out.with_name(args.out.name + "_dropped")),
         "rounding": variant_table(summaries, compare, shown, set(compare) - knobs),
     }
