@@ -534,7 +534,7 @@ def variant_table(summaries: dict[str, dict], compare: dict[str, str], rules: tu
     """Each sweep of the variants `names` against its compared sweep, for `rules`: the factor between their picks
     (* where the two read opposite verdicts), and the worst factor (either way) of each rule."""
     lines = ["| sweep | compared with | " + " | ".join(rules) + " |", "|---" * (len(rules) + 2) + "|"]
-    worst = dict.fromkeys(rules, 1.0)
+    worst: dict[str, float | None] = dict.fromkeys(rules)  # None: no variant sweep of that rule's kind (`fine`)
     for setting, summary in summaries.items():
         keys = sorted({k for r in rules for k in summary["rules"][r]["variant_factors"]})
         for key in keys:
@@ -545,11 +545,12 @@ def variant_table(summaries: dict[str, dict], compare: dict[str, str], rules: tu
             for r in rules:
                 f = summary["rules"][r]["variant_factors"].get(key)
                 if f is not None:
-                    worst[r] = max(worst[r], f["factor"], 1 / f["factor"])
+                    worst[r] = max(worst[r] or 1.0, f["factor"], 1 / f["factor"])
                 cells.append("-" if f is None else f"{f['factor']:.3f}" + ("" if f["same_verdict"] else " *"))
             against = f"{seed}-{compare[variant]}" if compare.get(variant) else seed
             lines.append(f"| {setting} {key} | {setting} {against} | " + " | ".join(cells) + " |")
-    lines.append("| **worst factor, either way** | | " + " | ".join(f"**{worst[r]:.2f}**" for r in rules) + " |")
+    cells = ("-" if worst[r] is None else f"**{worst[r]:.2f}**" for r in rules)
+    lines.append("| **worst factor, either way** | | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
